@@ -1,0 +1,1 @@
+"""Parallel layouts, process groups, resharding and the CPU platform layer."""

@@ -1,0 +1,381 @@
+"""CPU platform layer: what megatron-core needs to run without a GPU.
+
+megatron-core is written for CUDA. On a CPU-only machine (CI, laptops, the
+2-core development boxes) a handful of its code paths touch CUDA
+unconditionally. Everything the project changes in megatron-core to run there
+lives in this one module, is applied by :func:`apply_cpu_platform` only when
+``torch.cuda.is_available()`` is False, and is idempotent. Each adaptation
+names the megatron-core version it was written against; :data:`WRITTEN_FOR`
+is checked at apply time and a mismatch is reported (not silently ignored),
+so an upgrade makes the author re-read this file.
+
+Adaptations (megatron-core 0.19.2):
+
+1. ``torch.cuda.current_device()`` is called at module construction and in
+   forward passes (rotary embeddings, the MoE router's expert-bias buffers,
+   tensor-parallel buffers, MTP trackers) regardless of
+   ``use_cpu_initialization``, and small bookkeeping tensors are created with a
+   literal ``device="cuda"`` (token counts in the pipeline schedules, grad-norm
+   and found-inf buffers in the optimizers and grad clipping). Without a driver
+   both raise. ``current_device()`` returns ``"cpu"``, and torch's tensor
+   factories (and ``Tensor.cuda``) map a CUDA device to the CPU.
+2. ``megatron.core.transformer.utils.get_default_causal_mask`` builds its mask
+   with ``device="cuda"``. Replaced by the same mask on the CPU.
+3. The local ``DotProductAttention`` does not accept MLA's ``k_channels`` /
+   ``v_channels`` (query/key and value head dims differ in MLA) nor packed
+   sequences. :class:`SDPACoreAttention` is the project's core attention for
+   the non-TE path: torch's scaled-dot-product attention with an explicit
+   softmax scale, GQA, causal masking and THD-packed sequences.
+4. ``model_parallel_cuda_manual_seed`` raises without CUDA, and the tensor-parallel
+   RNG tracker forks CUDA generator states (embedding, initialisation, recompute).
+   On CPU the tracker's get/set functions act on the CPU generator, and
+   :func:`manual_seed` seeds the tracker with CPU states.
+5. ``torch.cuda.synchronize`` / ``empty_cache`` / memory queries are called by
+   schedules and optimizers for timing and bookkeeping, and the DDP grad buffers
+   ask for ``torch.cuda.current_stream()`` even without overlap: synchronisation
+   and memory queries become no-ops and streams/events are torch's CPU ones.
+6. megatron-core's non-TE norm (``WrappedTorchNorm``) refuses sequence parallelism,
+   which megatron-core requires for MoE with TP > 1. :class:`SequenceParallelRMSNorm`
+   is torch's RMSNorm whose weight carries ``sequence_parallel`` like TE's norms, so
+   ``finalize_model_grads`` all-reduces its gradient across the TP group.
+
+7. MLA's non-TE spec builds its q/kv down projections as ``ColumnParallelLinear``
+   with ``gather_output=False``; the gradient of the shared rotary key (k_pos_emb)
+   then keeps only the last TP rank's heads (the gather's backward splits without
+   summing), so TP > 1 gets wrong gradients. TE's spec uses duplicated
+   projections instead. :class:`DuplicatedLinear` (megatron-core's local
+   duplicated ``Linear`` with the configured init) is registered under the name
+   MLA checks for that mode, and the local MLA spec uses it (``r1mega.models.specs``).
+8. The mixed-precision and distributed optimizers sort parameters by their type
+   string (``param.type() == "torch.cuda.FloatTensor"``) while they are built and
+   reject anything else. Their constructors run with CPU tensors reporting the
+   CUDA type names (only for the argument-less ``Tensor.type()`` and only during
+   those constructors and gradient clipping, which asserts the same).
+
+The MoE ``alltoall`` dispatcher creates CUDA streams; on CPU the model
+provider selects the ``allgather`` dispatcher (see ``r1mega.models``), which is
+numerically identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any
+
+import torch
+
+WRITTEN_FOR = "0.19.2"
+
+_APPLIED = False
+
+
+def gpu_available() -> bool:
+    """True when CUDA is usable; the platform layer is then never applied."""
+    return torch.cuda.is_available()
+
+
+def default_backend() -> str:
+    """torch.distributed backend for this machine: nccl on GPU, gloo on CPU."""
+    return "nccl" if gpu_available() else "gloo"
+
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+              "empty_like", "zeros_like", "ones_like", "full_like")
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+def _on_cpu(factory: Any) -> Any:
+    """Wrap a torch tensor factory so ``device="cuda"`` (or cuda:N) means the CPU."""
+
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    wrapper.__r1mega_cpu__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _with_cuda_type_names(fn: Any) -> Any:
+    """Run ``fn`` with ``Tensor.type()`` (no arguments) naming CPU tensors as CUDA ones."""
+    original_type = torch.Tensor.type
+
+    def cuda_named_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = original_type(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(result, str) and result.startswith("torch."):
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch.Tensor.type = cuda_named_type  # type: ignore[method-assign]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original_type  # type: ignore[method-assign]
+
+    return wrapper
+
+
+def apply_cpu_platform() -> bool:
+    """Apply every CPU adaptation once. Returns True if they are (now) active."""
+    global _APPLIED
+    if gpu_available():
+        return False
+    if _APPLIED:
+        return True
+    import megatron.core
+    from megatron.core import package_info
+
+    if package_info.__version__ != WRITTEN_FOR:
+        warnings.warn(
+            f"parallel.platform was written for megatron-core {WRITTEN_FOR}, found "
+            f"{package_info.__version__}; re-check the adaptations in {__file__}.",
+            stacklevel=2,
+        )
+    del megatron
+
+    # (1) CUDA device queries and CUDA tensor factories resolve to the CPU.
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    for name in _FACTORIES:
+        setattr(torch, name, _on_cpu(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+    # (5) Synchronisation and allocator bookkeeping become no-ops.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    torch.cuda.memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.max_memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.memory_reserved = lambda device=None: 0  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()  # type: ignore
+    torch.cuda.Stream = torch.cpu.Stream  # type: ignore[assignment,misc]
+    torch.cuda.Event = torch.cpu.Event  # type: ignore[assignment,misc]
+    torch.cuda.stream = torch.cpu.stream  # type: ignore[assignment]
+
+    # (2) The default causal mask is built on the CPU.
+    from megatron.core.transformer import utils as transformer_utils
+
+    @functools.cache
+    def _cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+
+    # (4) The tensor-parallel RNG tracker forks the CPU generator.
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def _get_rng_state(device: Any = None, clone: bool = False, graph_safe: bool = False):
+        return torch.get_rng_state()
+
+    def _set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False):
+        torch.set_rng_state(new_state)
+
+    tp_random._get_cuda_rng_state = _get_rng_state
+    tp_random._set_cuda_rng_state = _set_rng_state
+
+    # (8) Optimizer constructors see CUDA type names.
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    distrib_optimizer.DistributedOptimizer.__init__ = _with_cuda_type_names(
+        distrib_optimizer.DistributedOptimizer.__init__)
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_names(
+        optimizer.Float16OptimizerWithFloat16Params.__init__)
+    optimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(
+        optimizer.clip_grad_by_total_norm_fp32)
+
+    # (7) MLA recognises the duplicated down projection.
+    from megatron.core.transformer import multi_latent_attention
+
+    if multi_latent_attention.TELinear is None:
+        multi_latent_attention.TELinear = duplicated_linear_class()
+    _APPLIED = True
+    return True
+
+
+def manual_seed(seed: int) -> None:
+    """Seed torch and megatron's tensor-parallel RNG tracker on any device.
+
+    On GPU this is ``model_parallel_cuda_manual_seed``. On CPU (adaptation 4) the
+    tracker's named states are CPU generator states, derived the same way
+    (model-parallel seed offset by 2718 + TP rank, data-parallel seed = seed).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.manual_seed(seed)
+    if gpu_available():
+        tp_random.model_parallel_cuda_manual_seed(seed)
+        return
+    tracker = tp_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    states = {
+        tp_random._MODEL_PARALLEL_RNG_TRACKER_NAME: seed + 2718 + tp_rank,
+        tp_random._DATA_PARALLEL_RNG_TRACKER_NAME: seed,
+        tp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME: seed + 2718 + 100 * ep_rank + etp_rank,
+    }
+    for name, state_seed in states.items():
+        generator = torch.Generator().manual_seed(state_seed)
+        tracker.states_[name] = generator.get_state()
+        tracker.seeds_.add(state_seed)
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """Core attention on torch SDPA, for the non-Transformer-Engine path (adaptation 3).
+
+    Same constructor and call signature as megatron-core's ``DotProductAttention``
+    (so layer specs can swap it in), plus MLA's ``k_channels``/``v_channels``.
+    Inputs are ``[s, b, heads, dim]`` (or ``[t, heads, dim]`` with THD-packed
+    sequences); the output is ``[s, b, heads * v_dim]``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        from megatron.core.transformer.enums import AttnMaskType
+
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("SDPACoreAttention does not implement context parallelism")
+        tp_size = (
+            pg_collection.tp.size()
+            if pg_collection is not None and getattr(pg_collection, "tp", None) is not None
+            else 1
+        )
+        self.config = config
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self._causal_types = (AttnMaskType.causal, AttnMaskType.padding_causal)
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_groups = (config.num_query_groups or config.num_attention_heads) // tp_size
+        self.k_channels = k_channels or config.kv_channels
+        self.hidden_size_per_attention_head_v = v_channels or config.kv_channels
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.k_channels)
+        )
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        # q/k/v: [b, heads, s, d]
+        if self.num_heads != k.shape[1]:
+            repeat = self.num_heads // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = ~mask.bool()  # megatron masks are True where attention is blocked
+            causal = False
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: Any = None,
+        attention_bias: Any = None,
+        packed_seq_params: Any = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention does not take an attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = mask_type in self._causal_types
+        if packed_seq_params is not None:
+            # THD: [t, heads, d]; attend within each packed sequence.
+            cu = packed_seq_params.cu_seqlens_q.tolist()
+            outs = []
+            for start, end in zip(cu[:-1], cu[1:], strict=True):
+                q = query[start:end].transpose(0, 1).unsqueeze(0)
+                k = key[start:end].transpose(0, 1).unsqueeze(0)
+                v = value[start:end].transpose(0, 1).unsqueeze(0)
+                outs.append(self._attend(q, k, v, causal, None)[0].transpose(0, 1))
+            out = torch.cat(outs, dim=0)
+            return out.reshape(out.shape[0], -1)
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask = attention_mask if not causal or attention_mask is not None else None
+        out = self._attend(q, k, v, causal, mask)
+        # [b, h, s, dv] -> [s, b, h * dv]
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm usable under sequence parallelism (adaptation 6).
+
+    Same constructor as megatron-core's ``WrappedTorchNorm`` builder. Under sequence
+    parallelism each TP rank normalises a different slice of the sequence, so the
+    weight gradient is partial; marking the weight ``sequence_parallel`` makes
+    megatron-core's ``finalize_model_grads`` sum it over the TP group.
+    """
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        if config.normalization != "RMSNorm":
+            raise NotImplementedError("the CPU platform layer provides RMSNorm only")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+@functools.lru_cache(maxsize=1)
+def duplicated_linear_class() -> type:
+    """megatron-core's local duplicated ``Linear`` with the config's init (adaptation 7).
+
+    Every TP rank holds the full weight; under sequence parallelism the weight is marked
+    ``sequence_parallel`` so its partial gradients are summed over TP.
+    """
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    class DuplicatedLinear(Linear):
+        def __init__(self, input_size: int, output_size: int, *, config: Any,
+                     init_method: Any, **kwargs: Any) -> None:
+            kwargs["parallel_mode"] = "duplicated"
+            kwargs["tp_group"] = None
+            super().__init__(input_size, output_size, config=config, init_method=init_method,
+                             **kwargs)
+            if config.perform_initialization:
+                with torch.no_grad():
+                    init_method(self.weight)
+
+        def sharded_state_dict(self, prefix: str = "", sharded_offsets: Any = (),
+                               metadata: Any = None) -> Any:
+            # Replicated over TP: each TP rank is one replica (the parent class would
+            # mark every rank replica 0, which dist_checkpointing rejects).
+            from megatron.core import parallel_state
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            return make_sharded_tensors_for_checkpoint(
+                self.state_dict(prefix="", keep_vars=True), prefix,
+                sharded_offsets=sharded_offsets,
+                tp_group=parallel_state.get_tensor_model_parallel_group(),
+                dp_cp_group=metadata["dp_cp_group"] if metadata else
+                parallel_state.get_data_parallel_group(with_context_parallel=True),
+            )
+
+    return DuplicatedLinear

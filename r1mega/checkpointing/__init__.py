@@ -1,0 +1,1 @@
+"""Checkpoints: megatron-core distributed checkpoints of the policy and training state."""

@@ -1,0 +1,243 @@
+"""Typed configuration schema for every r1mega job.
+
+Each section is a dataclass; :func:`r1mega.config.load_config` merges YAML files
+and ``key=value`` overrides onto these through omegaconf, which rejects unknown
+keys (suggesting the closest valid name) and wrong types before anything runs.
+Cross-field checks (layouts against the model and the world size) live in
+:mod:`r1mega.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the policy: a dense Llama/Qwen2-style GPT or DeepSeek-V3.
+
+    Field names follow the Hugging Face configs where one exists so converted
+    checkpoints map one-to-one.
+    """
+
+    arch: str = MISSING  # llama | qwen2 | deepseek_v3
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING  # dense MLP intermediate size
+    num_attention_heads: int = MISSING
+    num_query_groups: int | None = None  # GQA key/value heads; None = MHA
+    kv_channels: int | None = None  # head dim; None = hidden / heads
+    vocab_size: int = MISSING
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    norm_epsilon: float = 1e-6
+    qkv_bias: bool = False  # Qwen2 has q/k/v biases
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+    # Multi-head latent attention (DeepSeek-V3). q_lora_rank None = no q compression.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128  # no-position part of q/k
+    qk_pos_emb_head_dim: int = 64  # rotary part of q/k
+    v_head_dim: int = 128
+    # YaRN rope scaling (DeepSeek-V3); rope_type rope = plain RoPE.
+    rope_type: str = "rope"  # rope | yarn
+    rope_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    # Mixture of experts. num_experts None = dense model.
+    num_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_topk: int = 8
+    moe_shared_expert_intermediate_size: int | None = None
+    first_k_dense_layers: int = 0
+    moe_router_score_function: str = "sigmoid"  # sigmoid | softmax
+    moe_router_enable_expert_bias: bool = True  # aux-loss-free balancing
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: float | None = None  # routed_scaling_factor
+    moe_router_num_groups: int | None = None  # n_group
+    moe_router_group_topk: int | None = None  # topk_group
+    moe_aux_loss_coeff: float = 0.0  # sequence-wise balance loss (DeepSeek-V3: 1e-4)
+    # Multi-token prediction.
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
+    # Which megatron-core layer implementation: auto picks TE when it imports.
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+
+
+@dataclass
+class LayoutConfig:
+    """A parallel layout. DP is what remains: world / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1  # expert tensor parallelism
+    cp: int = 1
+    sequence_parallel: bool = False
+    # Explicit uneven pipeline split: layers per stage (sums to num_layers). Only the
+    # first and last stage may differ from the middle ones (megatron-core's rule).
+    pp_layers: list[int] | None = None
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats. fp8 needs Transformer Engine and an FP8-capable GPU."""
+
+    params_dtype: str = "bfloat16"  # float32 | bfloat16
+    fp8: str | None = None  # None | hybrid | e4m3
+    fp8_recipe: str = "blockwise"  # delayed | tensorwise | blockwise
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the policy."""
+
+    steps: int = 1
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 1  # sequences per optimizer step, across DP
+    seq_length: int = 128
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    use_distributed_optimizer: bool = True
+    recompute: str | None = None  # None | selective | full
+
+
+@dataclass
+class GRPOConfig:
+    """Group Relative Policy Optimization and its variants."""
+
+    group_size: int = 16  # samples per prompt (G)
+    advantage: str = "grpo"  # grpo | dr_grpo
+    normalize_std: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # > clip_low: DAPO clip-higher
+    dual_clip: float | None = None
+    ratio_level: str = "token"  # token | sequence (GSPO)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.001
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_in_reward: bool = False
+    drop_uniform_groups: bool = False  # DAPO dynamic sampling
+    tis_cap: float | None = None  # truncated importance sampling cap
+    epochs_per_step: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling from the policy."""
+
+    prompts_per_step: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    max_batch_tokens: int | None = None
+
+
+@dataclass
+class RewardSpec:
+    """One reward plug-in and its weight in the sum."""
+
+    name: str = MISSING  # accuracy | format | language | code
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardsConfig:
+    specs: list[RewardSpec] = field(default_factory=list)
+    timeout_s: float = 5.0
+    workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets (JSONL or Parquet)."""
+
+    train_path: str | None = None
+    eval_path: str | None = None
+    prompt_field: str = "problem"
+    answer_field: str = "answer"
+    template: str = "r1_zero"  # r1_zero | chat | none
+    shuffle: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    """Tokenizer: a Hugging Face tokenizer directory or a sentencepiece model."""
+
+    type: str = "hf"  # hf | sentencepiece | bytes
+    path: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    load: str | None = None  # initial weights (a megatron distributed checkpoint)
+    save_dir: str | None = None
+    save_interval: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_project: str = "r1mega"
+    wandb_run_name: str | None = None
+    wandb_dir: str | None = None
+    sample_table_interval: int = 10
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gib: float = 80.0
+    partition: str | None = None
+    account: str | None = None
+    time: str = "04:00:00"
+    container_image: str | None = None
+
+
+@dataclass
+class LaunchConfig:
+    """How `r1mega train` starts processes when not already under torchrun/srun."""
+
+    nproc_per_node: int = 1
+    master_port: int = 29500
+
+
+@dataclass
+class R1MegaConfig:
+    """The whole job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_layout: LayoutConfig = field(default_factory=LayoutConfig)
+    generation_layout: LayoutConfig = field(default_factory=LayoutConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)

@@ -1,0 +1,192 @@
+"""Build megatron-core ``GPTModel``s from an r1mega :class:`ModelConfig`.
+
+One provider serves both families:
+
+* dense Llama/Qwen2-style bases: GQA, SwiGLU, RMSNorm, RoPE, optional q/k/v bias, tied or
+  untied embeddings;
+* DeepSeek-V3: multi-head latent attention, the first ``first_k_dense_layers`` dense and
+  the rest MoE with routed + shared experts, sigmoid routing with an expert-bias
+  (aux-loss-free balancing), top-k scaling, node-limited group routing, YaRN, MTP.
+
+The layout (TP/PP/EP/...) is whatever megatron-core's ``parallel_state`` was initialised
+with (see :mod:`parallel.layout`); the provider builds this rank's pipeline stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from parallel.platform import gpu_available
+from r1mega.models.specs import decoder_block_spec, mtp_block_spec, use_transformer_engine
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _moe_layer_pattern(model_cfg: Any) -> list[int] | int:
+    """megatron-core's ``moe_layer_freq``: 0 for the first-k dense layers, 1 after."""
+    if model_cfg.num_experts is None:
+        return 1
+    k = model_cfg.first_k_dense_layers
+    return [0] * k + [1] * (model_cfg.num_layers - k)
+
+
+def build_transformer_config(model_cfg: Any, layout: Any, precision: Any | None = None,
+                             recompute: str | None = None) -> Any:
+    """Translate the project's model + layout + precision config into a megatron config.
+
+    Returns an ``MLATransformerConfig`` for DeepSeek-V3 and a ``TransformerConfig``
+    otherwise. Dropout is off: RL fine-tuning of LLMs runs without it, and exact
+    cross-layout equivalence needs determinism.
+    """
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig,
+        TransformerConfig,
+    )
+
+    params_dtype = _DTYPES[precision.params_dtype] if precision is not None else torch.float32
+    on_gpu = gpu_available()
+    common: dict[str, Any] = dict(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        layernorm_epsilon=model_cfg.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model_cfg.init_method_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        # Parallel layout.
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        # Fusions that need CUDA kernels are only requested on GPU.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # Deterministic fp32 routing so layouts agree bit-for-bit on the routing decision.
+        moe_router_dtype="fp32",
+    )
+    if layout.pp_layers is not None and layout.pp > 1:
+        common["num_layers_in_first_pipeline_stage"] = layout.pp_layers[0]
+        common["num_layers_in_last_pipeline_stage"] = layout.pp_layers[-1]
+    if recompute == "full":
+        common.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    elif recompute == "selective":
+        common.update(recompute_granularity="selective")
+    if model_cfg.num_experts is not None:
+        common.update(
+            num_moe_experts=model_cfg.num_experts,
+            moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+            moe_router_topk=model_cfg.moe_topk,
+            moe_shared_expert_intermediate_size=model_cfg.moe_shared_expert_intermediate_size,
+            moe_layer_freq=_moe_layer_pattern(model_cfg),
+            moe_router_score_function=model_cfg.moe_router_score_function,
+            moe_router_enable_expert_bias=model_cfg.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=model_cfg.moe_router_bias_update_rate,
+            moe_router_topk_scaling_factor=model_cfg.moe_router_topk_scaling_factor,
+            moe_router_num_groups=model_cfg.moe_router_num_groups,
+            moe_router_group_topk=model_cfg.moe_router_group_topk,
+            moe_router_pre_softmax=model_cfg.moe_router_score_function == "softmax",
+            moe_router_load_balancing_type=(
+                "seq_aux_loss" if model_cfg.moe_aux_loss_coeff > 0 else "none"
+            ),
+            moe_aux_loss_coeff=model_cfg.moe_aux_loss_coeff,
+            # alltoall creates CUDA streams; allgather is exact and runs on CPU.
+            moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+            moe_grouped_gemm=on_gpu,
+            moe_permute_fusion=False,
+        )
+    if model_cfg.mtp_num_layers:
+        common.update(
+            mtp_num_layers=model_cfg.mtp_num_layers,
+            mtp_loss_scaling_factor=model_cfg.mtp_loss_scaling_factor,
+        )
+    if precision is not None and precision.fp8:
+        common.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
+
+    if model_cfg.arch == "deepseek_v3":
+        return MLATransformerConfig(
+            **common,
+            q_lora_rank=model_cfg.q_lora_rank,
+            kv_lora_rank=model_cfg.kv_lora_rank,
+            qk_head_dim=model_cfg.qk_head_dim,
+            qk_pos_emb_head_dim=model_cfg.qk_pos_emb_head_dim,
+            v_head_dim=model_cfg.v_head_dim,
+            qk_layernorm=True,  # the q_a / kv_a low-rank norms
+            rope_type=model_cfg.rope_type,
+            rotary_base=model_cfg.rope_theta,
+            rotary_scaling_factor=model_cfg.rope_scaling_factor,
+            original_max_position_embeddings=model_cfg.original_max_position_embeddings,
+            beta_fast=model_cfg.beta_fast,
+            beta_slow=model_cfg.beta_slow,
+            mscale=model_cfg.mscale,
+            mscale_all_dim=model_cfg.mscale_all_dim,
+            rotary_interleaved=False,
+        )
+    return TransformerConfig(
+        **common,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.kv_channels,
+        add_qkv_bias=model_cfg.qkv_bias,
+    )
+
+
+def model_stage_flags() -> tuple[bool, bool]:
+    """(pre_process, post_process) for this rank's pipeline stage."""
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+    )
+
+
+def build_model(model_cfg: Any, layout: Any, precision: Any | None = None,
+                recompute: str | None = None) -> torch.nn.Module:
+    """Build this rank's stage of the policy as a megatron-core ``GPTModel``.
+
+    ``parallel_state`` must already be initialised for ``layout``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = build_transformer_config(model_cfg, layout, precision, recompute)
+    use_te = use_transformer_engine(model_cfg.transformer_impl)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    block_spec = decoder_block_spec(config, use_te, pp_rank=pp_rank)
+    pre_process, post_process = model_stage_flags()
+    mla = model_cfg.arch == "deepseek_v3"
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=model_cfg.vocab_size,
+        max_sequence_length=model_cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        # MLA applies its own (YaRN) rotary embedding inside attention.
+        position_embedding_type="none" if mla else "rope",
+        rotary_base=int(model_cfg.rope_theta),
+        mtp_block_spec=mtp_block_spec(config, block_spec, use_te, pp_rank=pp_rank),
+    )
+    if gpu_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,1 @@
+"""Policy training machinery: model setup, megatron schedules, losses, optimizer."""
