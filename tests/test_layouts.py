@@ -24,7 +24,7 @@ REL_TOL = 1e-5
 def reference_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Single-process weights, loss and gradients of each tiny model, computed once."""
     dirs = {}
-    for model in ("dense", "deepseek_v3"):
+    for model in ("dense", "llama_tied", "deepseek_v3"):
         work = tmp_path_factory.mktemp(f"ref_{model}")
         run_torchrun(1, WORKER, model, 1, 1, 1, work)
         dirs[model] = work
@@ -36,6 +36,7 @@ LAYOUTS = [
     ("dense", 2, 1, 1, 2),
     ("dense", 1, 2, 1, 2),
     ("dense", 2, 2, 1, 4),
+    ("llama_tied", 1, 2, 1, 2),
     ("deepseek_v3", 2, 1, 1, 2),
     ("deepseek_v3", 1, 2, 1, 2),
     ("deepseek_v3", 1, 1, 2, 2),

@@ -119,6 +119,15 @@ def build_transformer_config(model_cfg: Any, layout: Any, precision: Any | None 
             mtp_loss_scaling_factor=model_cfg.mtp_loss_scaling_factor,
         )
     if precision is not None and precision.fp8:
+        from r1mega.models.specs import te_available
+
+        if not te_available():
+            raise RuntimeError(
+                f"precision.fp8={precision.fp8} needs Transformer Engine on an FP8-capable GPU "
+                "(H100/H200; `pip install 'r1mega[gpu]'`); this machine has "
+                f"{'a GPU but no importable TE' if on_gpu else 'no GPU'}. "
+                "Set precision.fp8=null for bf16/fp32."
+            )
         common.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
 
     if model_cfg.arch == "deepseek_v3":

@@ -30,6 +30,10 @@ TINY_MODELS = {
     "dense": dict(arch="qwen2", num_layers=4, hidden_size=64, ffn_hidden_size=128,
                   num_attention_heads=4, num_query_groups=2, vocab_size=256, qkv_bias=True,
                   max_position_embeddings=128, rope_theta=10000.0),
+    # Llama-style: no q/k/v bias, embeddings tied to the output layer (across PP stages).
+    "llama_tied": dict(arch="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96,
+                       num_attention_heads=4, num_query_groups=1, vocab_size=256,
+                       tie_embeddings=True, max_position_embeddings=128, rope_theta=500000.0),
     "deepseek_v3": dict(arch="deepseek_v3", num_layers=4, hidden_size=64, ffn_hidden_size=128,
                         num_attention_heads=4, vocab_size=256, q_lora_rank=32, kv_lora_rank=16,
                         qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16, num_experts=4,
