@@ -135,7 +135,9 @@ def apply_cpu_platform() -> bool:
     import megatron.core
     from megatron.core import package_info
 
-    if package_info.__version__ != WRITTEN_FOR:
+    # megatron-core appends "+<git sha of the current directory>" when run inside a git
+    # checkout; only the release matters here.
+    if package_info.__version__.split("+")[0] != WRITTEN_FOR:
         warnings.warn(
             f"parallel.platform was written for megatron-core {WRITTEN_FOR}, found "
             f"{package_info.__version__}; re-check the adaptations in {__file__}.",
