@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_rewards(cfg: object) -> None:
+    """Reward plug-in parameters are checked by the plug-ins themselves; build them once
+    (no worker process starts until a first batch) so a typo fails before launch."""
+    from r1mega.rewards import RewardFunction
+
+    RewardFunction.from_config(cfg.rewards).close()
+
+
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from r1mega.launch import relaunch_local, under_launcher
 
@@ -55,6 +63,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         probe = load_config(args.config, args.overrides)
         nproc = nproc or probe.launch.nproc_per_node
         load_config(args.config, args.overrides, world_size=nproc)
+        _check_rewards(probe)
         if nproc > 1:
             child_argv = [a for a in argv if not a.startswith("--nproc")]
             return relaunch_local(nproc, child_argv, port=None)

@@ -1,16 +1,22 @@
-"""The training driver: layout, policy, optimizer and the step loop on every rank.
+"""The R1-Zero training loop on every rank: rollouts, rewards, GRPO updates, checkpoints.
 
-Today a step is the policy-update half of GRPO exercised on a language-modelling batch:
-forward and backward through megatron-core's schedules on the configured training
-layout, gradient finalisation across DP/TP/PP/EP, clipping and an optimizer step. The
-rollout (generation in the generation layout), rewards and the GRPO loss plug into
-:func:`train_step` as they land.
+Per step: take ``rollout.prompts_per_step`` prompts, apply the template, sample
+``grpo.group_size`` responses per prompt with the policy, score them with the rule
+rewards, and run one GRPO update (:func:`r1mega.training.grpo_step.grpo_step`).
+Responses come from the simple sampler (the policy in its training layout, see
+:mod:`r1mega.rollout.simple_sampler`) until the colocated rollout engine replaces it.
+
+A run resumes from the newest complete checkpoint under ``checkpoint.save_dir``
+(model, optimizer, LR schedule, RNG and data position), so a job killed at any point
+continues with the same results.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,76 +24,98 @@ import torch.distributed as dist
 
 from parallel.layout import Layout, init_distributed, initialize_layout
 from parallel.platform import manual_seed
+from r1mega.checkpointing.model_io import load_model
+from r1mega.checkpointing.train_state import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from r1mega.data.prompts import PromptExample, PromptSampler, load_prompt_dataset
+from r1mega.data.tasks import builtin_dataset, is_builtin
+from r1mega.data.templates import apply_template
+from r1mega.data.tokenizers import build_tokenizer
 from r1mega.logging_utils import print_rank0
-from r1mega.training.batches import causal_lm_batch, data_parallel_microbatches
+from r1mega.rollout.batch import build_rollout_batch
+from r1mega.rollout.simple_sampler import SamplingParams, generate
+from r1mega.training.grpo_step import grpo_step
 from r1mega.training.optim import build_lr_scheduler, build_optimizer
-from r1mega.training.policy import Policy, build_policy
-from r1mega.training.schedule import forward_backward, lm_loss
+from r1mega.training.policy import build_policy
+from r1mega.training.reference import ReferencePolicy
 
 
 @dataclass
-class StepResult:
+class StepRecord:
     step: int
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: int
-    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-def synthetic_lm_batch(step: int, batch_size: int, seq_length: int, vocab_size: int,
-                       seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic learnable sequences: arithmetic progressions modulo the vocabulary.
-
-    Each row starts at a random token with a random stride in {1, 2, 3}; a model that
-    learns the rule drives the loss down, so the step line shows optimisation working.
-    """
-    gen = torch.Generator().manual_seed(seed * 100003 + step)
-    start = torch.randint(0, vocab_size, (batch_size, 1), generator=gen)
-    stride = torch.randint(1, 4, (batch_size, 1), generator=gen)
-    tokens = (start + stride * torch.arange(seq_length + 1)) % vocab_size
-    return causal_lm_batch(tokens)
+def _dataset(cfg: Any, split: str) -> list[PromptExample]:
+    path = getattr(cfg.data, f"{split}_path")
+    if is_builtin(path):
+        return builtin_dataset(path, split, cfg.train.seed)
+    return list(load_prompt_dataset(cfg.data, split))
 
 
-def _global_loss(stats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """(token-loss sum, token count) over the global batch, on every rank."""
+def _request_seed(seed: int, step: int, row: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + row) % (2**63)
+
+
+def _rollout(cfg: Any, policy: Any, tokenizer: Any, examples: list[PromptExample],
+             step: int, layout: Layout) -> tuple[list[Any], list[PromptExample]]:
+    """Sample G responses per prompt; every rank returns the global list of samples."""
     from megatron.core import parallel_state as ps
 
-    totals = torch.zeros(2)
-    for s in stats:
-        totals += s["lm_loss"]
-    if ps.is_pipeline_last_stage():
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
-    # Only last-stage ranks hold the loss; MAX brings it to every rank (others are 0).
-    dist.all_reduce(totals, op=dist.ReduceOp.MAX)
-    return totals
+    g = cfg.grpo.group_size
+    rows = [ex for ex in examples for _ in range(g)]
+    prompt_ids = [tokenizer.encode(apply_template(cfg.data.template, ex.prompt, tokenizer))
+                  for ex in rows]
+    per_rank = len(rows) // layout.dp
+    dp_rank = ps.get_data_parallel_rank()
+    mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
+                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            top_k=cfg.rollout.top_k, eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id)
+    stops = [tokenizer.encode(s) for s in cfg.rollout.stop]
+    seeds = [_request_seed(cfg.train.seed, step, r) for r in range(len(rows))][mine]
+    # One microbatch per DP rank: the sampler holds no KV cache, and fewer, larger
+    # forward passes pay the pipeline's per-microbatch overhead once per token.
+    local = generate(policy, prompt_ids[mine], params, seeds, micro_batch_size=per_rank,
+                     stop_sequences=stops)
+    gathered: list[Any] = [None] * layout.dp
+    dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+    return [s for part in gathered for s in part], rows
 
 
-def train_step(step: int, cfg: Any, layout: Layout, policy: Policy, optimizer: Any,
-               scheduler: Any) -> StepResult:
-    """One optimizer step over ``train.global_batch_size`` sequences."""
-    from megatron.core import parallel_state as ps
+def _score(reward_fn: Any, tokenizer: Any, samples: list[Any],
+           rows: list[PromptExample]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rule rewards on rank 0, broadcast to all ranks."""
+    from r1mega.rewards import RewardInput
 
-    start = time.perf_counter()
-    batch = synthetic_lm_batch(step, cfg.train.global_batch_size, cfg.train.seq_length,
-                               cfg.model.vocab_size, cfg.train.seed)
-    microbatches = data_parallel_microbatches(
-        batch, cfg.train.micro_batch_size, ps.get_data_parallel_rank(), layout.dp)
-    policy.zero_grad()
-    optimizer.zero_grad()
-    stats = forward_backward(policy, microbatches, lm_loss)
-    lr = optimizer.param_groups[0]["lr"]
-    _, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    totals = _global_loss(stats)
-    return StepResult(
-        step=step, loss=(totals[0] / totals[1].clamp_min(1)).item(),
-        grad_norm=float(grad_norm or 0.0), lr=lr,
-        tokens=int(totals[1].item()), seconds=time.perf_counter() - start,
-    )
+    payload = torch.zeros(len(samples))
+    stats: dict[str, float] = {}
+    if dist.get_rank() == 0:
+        inputs = [RewardInput(prompt=ex.prompt, response=tokenizer.decode(s.response_ids),
+                              answer=ex.answer, metadata=dict(ex.metadata))
+                  for s, ex in zip(samples, rows, strict=True)]
+        total, per_reward = reward_fn(inputs)
+        payload = torch.tensor(total, dtype=torch.float32)
+        stats = {f"reward/{k}": sum(v) / len(v) for k, v in per_reward.items()}
+    holder = [stats]
+    dist.broadcast(payload, src=0)
+    dist.broadcast_object_list(holder, src=0)
+    return payload, holder[0]
 
 
-def run_training(cfg: Any) -> list[StepResult]:
+def _build_reward_fn(cfg: Any) -> Any:
+    if dist.get_rank() != 0:
+        return None
+    from r1mega.rewards import RewardFunction
+
+    return RewardFunction.from_config(cfg.rewards)
+
+
+def run_training(cfg: Any) -> list[StepRecord]:
     """Entry point of every rank for `r1mega train`."""
     env = init_distributed(default_port=cfg.launch.master_port)
     layout = Layout.from_config(cfg.train_layout, env.world_size, name="train_layout")
@@ -96,24 +124,86 @@ def run_training(cfg: Any) -> list[StepResult]:
     print_rank0(f"[r1mega] {env.world_size} process(es) via {env.launcher}; "
                 f"train layout {layout.describe()}; model {cfg.model.arch} "
                 f"({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size})")
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={cfg.model.vocab_size}")
     policy = build_policy(cfg.model, cfg.train_layout, cfg.precision, cfg.train.recompute,
                           use_distributed_optimizer=cfg.train.use_distributed_optimizer)
+    if cfg.checkpoint.load:
+        load_model(policy.chunks, cfg.checkpoint.load)
+    reference = ReferencePolicy(policy)  # the initial weights, before any resume
     optimizer = build_optimizer(policy, cfg.train, cfg.precision)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
-    n_params = torch.tensor(float(sum(p.numel() for c in policy.chunks for p in c.parameters())))
-    dist.all_reduce(n_params)
-    print_rank0(f"[r1mega] parameters on all ranks (incl. replicas): {int(n_params.item()):,}")
-    print_rank0("[r1mega] rollout, rewards and the GRPO loss: not implemented yet; each step "
-                "trains the policy on a language-modelling batch through the same schedules")
-    results = []
-    for step in range(1, cfg.train.steps + 1):
-        result = train_step(step, cfg, layout, policy, optimizer, scheduler)
-        results.append(result)
-        if step % cfg.logging.log_interval == 0 or step == cfg.train.steps:
-            print_rank0(
-                f"step {step}/{cfg.train.steps} | lm_loss {result.loss:.4f} | "
-                f"grad_norm {result.grad_norm:.3f} | lr {result.lr:.2e} | "
-                f"tokens/s {result.tokens / result.seconds:,.0f} | {result.seconds:.2f} s"
-            )
+    sampler = PromptSampler(_dataset(cfg, "train"), batch_size=cfg.rollout.prompts_per_step,
+                            seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    start_step = 1
+    latest = find_latest_checkpoint(cfg.checkpoint.save_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, policy, optimizer, scheduler)
+        sampler.load_state_dict(state["sampler"])
+        start_step = int(state["step"]) + 1
+        print_rank0(f"[r1mega] resumed from {latest} (step {state['step']})")
+    reward_fn = _build_reward_fn(cfg)
+    history: list[StepRecord] = []
+    try:
+        for step in range(start_step, cfg.train.steps + 1):
+            history.append(_train_one_step(cfg, step, layout, policy, reference, optimizer,
+                                           scheduler, sampler, tokenizer, reward_fn))
+            interval = cfg.checkpoint.save_interval
+            if cfg.checkpoint.save_dir and (step == cfg.train.steps
+                                            or (interval and step % interval == 0)):
+                save_checkpoint(cfg.checkpoint.save_dir, step, policy, optimizer, scheduler,
+                                {"step": step, "sampler": sampler.state_dict()},
+                                keep_last=cfg.checkpoint.keep_last)
+            _maybe_inject_fault(step)
+    finally:
+        if reward_fn is not None:
+            reward_fn.close()
     dist.barrier()
-    return results
+    return history
+
+
+def _maybe_inject_fault(step: int) -> None:
+    """Fault injection for resilience tests: R1MEGA_KILL_AFTER_STEP=k SIGKILLs every rank
+    after step k (and its checkpoint, if one is due), like a node failure would."""
+    kill_after = os.environ.get("R1MEGA_KILL_AFTER_STEP")
+    if kill_after is not None and step == int(kill_after):
+        dist.barrier()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference: Any,
+                    optimizer: Any, scheduler: Any, sampler: PromptSampler, tokenizer: Any,
+                    reward_fn: Any) -> StepRecord:
+    t0 = time.perf_counter()
+    examples = sampler.next_batch()
+    samples, rows = _rollout(cfg, policy, tokenizer, examples, step, layout)
+    t1 = time.perf_counter()
+    rewards, reward_stats = _score(reward_fn, tokenizer, samples, rows)
+    t2 = time.perf_counter()
+    batch, truncated = build_rollout_batch(samples, rewards.tolist(), cfg.train.seq_length,
+                                           tokenizer.pad_id)
+    metrics = grpo_step(policy, reference, optimizer, scheduler, batch, cfg.grpo, cfg.train,
+                        dp_size=layout.dp, temperature=cfg.rollout.temperature or 1.0,
+                        max_response_len=cfg.rollout.max_new_tokens,
+                        pack=cfg.train.pack_sequences)
+    t3 = time.perf_counter()
+    lengths = [len(s.response_ids) for s in samples]
+    new_tokens = sum(lengths)
+    metrics.update(reward_stats)
+    metrics.update({
+        "response_length": sum(lengths) / len(lengths), "truncated": float(truncated),
+        "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+        "tokens_per_s": (new_tokens + int(batch.response_mask.sum())) / (t3 - t0),
+    })
+    print_rank0(
+        f"step {step}/{cfg.train.steps} | reward {metrics['reward_mean']:.3f} | "
+        f"acc {metrics.get('reward/accuracy', float('nan')):.3f} | "
+        f"format {metrics.get('reward/format', float('nan')):.3f} | "
+        f"len {metrics['response_length']:.1f} | kl {metrics['kl_ref']:.4f} | "
+        f"entropy {metrics['entropy']:.3f} | clip {metrics['clip_frac']:.3f} | "
+        f"grad_norm {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:,.0f} | "
+        f"rollout {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s"
+    )
+    return StepRecord(step=step, metrics=metrics)

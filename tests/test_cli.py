@@ -26,15 +26,22 @@ def test_help_lists_subcommands() -> None:
 
 
 def test_tiny_cpu_run_prints_step_lines() -> None:
-    """The README's run command: 2 processes, PP=2 tiny DeepSeek-V3, steps complete."""
-    out = r1mega("train", "configs/tiny_cpu.yaml", "train.steps=2")
+    """The README's run command: 2 processes, PP=2 tiny DeepSeek-V3, GRPO steps complete
+    with rollouts, rewards and updates, one progress line per step."""
+    out = r1mega("train", "configs/tiny_cpu.yaml", "train.steps=2", "rollout.max_new_tokens=8",
+                 "checkpoint.save_dir=null")
     assert out.returncode == 0, out.stderr[-5000:]
     assert "train layout TP=1 PP=2" in out.stdout
     lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in lines] == ["step 1/2", "step 2/2"], out.stdout
-    losses = [float(re.search(r"lm_loss (\S+)", line).group(1)) for line in lines]
-    # Untrained on a 512-token vocabulary the loss is close to ln(512) = 6.24.
-    assert all(5.5 < loss < 7.0 for loss in losses), losses
+    for line in lines:
+        fields = dict(part.split(" ", 1) for part in line.split(" | ")[1:-1])
+        for key in ("reward", "acc", "format", "len", "kl", "entropy", "clip", "grad_norm",
+                    "tok/s"):
+            assert key in fields, line
+        # Untrained on a 512-token vocabulary: near-uniform, entropy close to ln 512 = 6.24.
+        assert 5.5 < float(fields["entropy"]) < 6.3, line
+        assert 1 <= float(fields["len"]) <= 8, line
     assert "UserWarning" not in out.stderr
 
 
@@ -69,3 +76,9 @@ def test_unknown_key_suggests_the_right_one() -> None:
 def test_later_stages_say_not_implemented() -> None:
     out = r1mega("generate")
     assert out.returncode == 2 and "not implemented yet" in out.stdout
+
+
+def test_bad_reward_parameter_is_refused_before_launch() -> None:
+    _refused(r1mega("train", "configs/tiny_cpu.yaml",
+                    "rewards.specs=[{name: format, params: {mdoe: strict}}]"),
+             "rewards.specs[0].params.mdoe", "mode")

@@ -313,7 +313,7 @@ def test_sequence_parallel_needs_tp() -> None:
 
 
 def test_cp_needs_seq_length_divisible_by_2cp() -> None:
-    msg = error_of("generation_layout.cp=3", world_size=None)
+    msg = error_of("generation_layout.cp=3", "train.seq_length=64", world_size=None)
     assert "generation_layout.cp=3 requires train.seq_length=64" in msg and "2*cp=6" in msg
 
 
@@ -424,3 +424,10 @@ def test_list_fields_need_lists() -> None:
     assert "rewards.specs must be a list" in msg and "per-index" in msg
     assert "rollout.stop must be a list" in error_of("rollout.stop=abc")
     assert list(load_config(TINY, ["rollout.stop=[a, b]"]).rollout.stop) == ["a", "b"]
+
+
+def test_rollout_batch_must_split_over_dp_and_microbatches() -> None:
+    msg = error_of("rollout.prompts_per_step=3", "grpo.group_size=2", "train.micro_batch_size=4",
+                   world_size=2)
+    assert "rollout.prompts_per_step * grpo.group_size = 3 * 2 = 6" in msg
+    assert "train.micro_batch_size=4" in msg

@@ -39,15 +39,20 @@ def save_model(chunks: Iterable[torch.nn.Module], directory: str) -> None:
 
 
 def load_model(chunks: Iterable[torch.nn.Module], directory: str, strict: bool = True) -> None:
-    """Load weights saved at any layout into this rank's chunks (collective)."""
+    """Load weights saved at any layout into this rank's chunks (collective), from a
+    weights-only checkpoint or a full training checkpoint."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     chunks = list(chunks)
+    request = model_sharded_state_dict(chunks)
     state = dist_checkpointing.load(
-        model_sharded_state_dict(chunks), directory,
+        request, directory,
         strict=StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_ALL,
     )
+    # A training checkpoint also holds non-sharded items (scheduler, trainer state) that
+    # dist_checkpointing merges in at the top level: keep only the model's.
+    state = {k: v for k, v in state.items() if k in request}
     if len(chunks) == 1:
         _bare(chunks[0]).load_state_dict(state, strict=strict)
     else:

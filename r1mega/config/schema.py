@@ -115,6 +115,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     use_distributed_optimizer: bool = True
     recompute: str | None = None  # None | selective | full
+    # Padding-free (THD-packed) microbatches for the RL passes: rows of different lengths
+    # are concatenated instead of padded to the longest.
+    pack_sequences: bool = True
 
 
 @dataclass

@@ -352,6 +352,15 @@ def _check_training(errors: list[str], cfg: Any, train_dp: int | None) -> None:
             errors.append(
                 f"train.global_batch_size={gbs} is not divisible by train.micro_batch_size={mbs}"
             )
+    # The RL batch is every sampled response: prompts_per_step * group_size rows, split
+    # over DP ranks and microbatches.
+    samples = cfg.rollout.prompts_per_step * cfg.grpo.group_size
+    if mbs_ok and train_dp is not None and samples % (train.micro_batch_size * train_dp):
+        errors.append(
+            f"rollout.prompts_per_step * grpo.group_size = {cfg.rollout.prompts_per_step} * "
+            f"{cfg.grpo.group_size} = {samples} sampled responses do not split into "
+            f"train.micro_batch_size={train.micro_batch_size} * data-parallel size {train_dp}"
+        )
 
 
 def _check_grpo(errors: list[str], grpo: Any) -> None:

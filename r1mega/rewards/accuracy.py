@@ -52,6 +52,7 @@ from typing import Any
 from r1mega.rewards.base import Reward, RewardInput, RewardResult
 from r1mega.rewards.extract import last_answer_block, last_boxed
 from r1mega.rewards.registry import register_reward
+from r1mega.utils.process import die_with_parent
 
 __all__ = [
     "AccuracyReward",
@@ -137,6 +138,7 @@ def _init_worker(
     worker is ready, so no check's deadline is spent importing sympy.
     """
     global _VERIFY_FN, _MATH_VERIFY_TIMEOUT_S
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _MATH_VERIFY_TIMEOUT_S = math_verify_timeout_s
     math_verify_check("1", "1")  # imports sympy and loads the LaTeX grammar

@@ -17,15 +17,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from parallel.layout import Layout, init_distributed, initialize_layout
-from parallel.platform import manual_seed
 from r1mega.checkpointing.model_io import load_model, save_model
-from r1mega.config.schema import GRPOConfig, LayoutConfig, ModelConfig, TrainConfig
+from r1mega.config.schema import GRPOConfig, TrainConfig
 from r1mega.training.grpo_step import RolloutBatch, grpo_step
 from r1mega.training.optim import build_lr_scheduler, build_optimizer
 from r1mega.training.policy import build_policy
 from r1mega.training.reference import ReferencePolicy
-from tests.workers.layout_equivalence import TINY_MODELS
+from tests.workers.common import max_rel_diff_to_checkpoint, setup_layout
 
 GROUPS, G, SEQ = 2, 4, 16
 
@@ -43,21 +41,17 @@ def rollout_batch(vocab: int, step: int) -> RolloutBatch:
     return RolloutBatch(tokens=tokens, response_mask=mask, rewards=rewards)
 
 
-def main(model_name: str, tp: int, pp: int, ep: int, workdir: str) -> None:
-    env = init_distributed()
-    model_cfg = OmegaConf.structured(ModelConfig(**TINY_MODELS[model_name],
-                                                 transformer_impl="local"))
-    is_moe = model_cfg.num_experts is not None
-    layout_cfg = OmegaConf.structured(LayoutConfig(tp=tp, pp=pp, ep=ep,
-                                                   sequence_parallel=tp > 1 and is_moe))
-    layout = Layout.from_config(layout_cfg, env.world_size)
-    initialize_layout(layout)
-    manual_seed(1234)
+def main(model_name: str, tp: int, pp: int, ep: int, workdir: str,
+         variant: str = "padded") -> None:
+    """``variant``: ``padded`` | ``packed`` (THD-packed microbatches; same results as
+    padded) | ``kl_reward`` (KL to the reference subtracted from the rewards)."""
+    env, model_cfg, layout_cfg, layout = setup_layout(model_name, tp, pp, ep)
     train_cfg = OmegaConf.structured(TrainConfig(
         lr=1e-4, adam_eps=1e-6, micro_batch_size=2, grad_clip=1.0,
         use_distributed_optimizer=True, steps=2))
     grpo_cfg = OmegaConf.structured(GRPOConfig(group_size=G, clip_low=0.2, clip_high=0.28,
-                                               kl_coef=0.05, kl_estimator="k3"))
+                                               kl_coef=0.05, kl_estimator="k3",
+                                               kl_in_reward=variant == "kl_reward"))
     policy = build_policy(model_cfg, layout_cfg, use_distributed_optimizer=True)
     work = Path(workdir)
     is_reference = env.world_size == 1
@@ -80,31 +74,24 @@ def main(model_name: str, tp: int, pp: int, ep: int, workdir: str) -> None:
     for step in (1, 2):
         metrics = grpo_step(policy, reference, optimizer, scheduler,
                             rollout_batch(model_cfg.vocab_size, step), grpo_cfg, train_cfg,
-                            dp_size=layout.dp)
+                            dp_size=layout.dp, pack=variant == "packed")
         history.append(metrics)
 
     if is_reference:
         save_model(policy.chunks, str(work / "final"))
         (work / "reference.json").write_text(json.dumps(history))
     else:
-        params = dict(policy.chunks[0].module.named_parameters())
-        mine = {n: p.detach().clone() for n, p in params.items()}
-        load_model(policy.chunks, str(work / "final"))
-        worst, worst_name = 0.0, ""
-        for name, p in params.items():
-            ref = p.detach()
-            rel = ((mine[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-            if rel > worst:
-                worst, worst_name = rel, name
-        worst_t = torch.tensor([worst])
-        dist.all_reduce(worst_t, op=dist.ReduceOp.MAX)
+        mine = {n: p.detach().clone()
+                for n, p in policy.chunks[0].module.named_parameters()}
+        worst, worst_name = max_rel_diff_to_checkpoint(policy, str(work / "final"), mine)
         if env.rank == 0:
             (work / "result.json").write_text(json.dumps(
-                {"history": history, "max_rel_weight_diff": worst_t.item(),
+                {"history": history, "max_rel_weight_diff": worst,
                  "worst_param": worst_name, "layout": layout.describe()}))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
+         *sys.argv[6:])

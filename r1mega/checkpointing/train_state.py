@@ -1,0 +1,193 @@
+"""Training checkpoints: model, optimizer, LR schedule, RNG and data position.
+
+Layout on disk (one directory per saved step under ``checkpoint.save_dir``)::
+
+    step_00000012/            a megatron-core distributed checkpoint (torch_dist)
+        r1mega_meta.json      written last: its presence marks the checkpoint complete
+    latest                    text file naming the newest complete step directory
+
+A checkpoint is written into ``step_XXXXXXXX.partial`` and renamed only after every rank
+has finished writing, then ``latest`` is replaced atomically; a job killed mid-save
+leaves a ``.partial`` directory that :func:`find_latest_checkpoint` never picks.
+
+The model and optimizer states are sharded tensors. The LR scheduler and
+the trainer's own state (step, data sampler position) are identical on all ranks and
+saved once; each rank's RNG states are saved as per-rank objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from r1mega.checkpointing.model_io import model_sharded_state_dict
+from r1mega.training.policy import Policy
+from r1mega.utils.process import die_with_parent
+
+META = "r1mega_meta.json"
+# Each rank writes its own optimizer-state buckets in parallel, no gather (megatron-core
+# 0.19.2 refuses the parameter-space format for flattened shards). Optimizer state then
+# reloads at the same TP/PP/EP layout (any DP for the model); weights load at any layout.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+LATEST = "latest"
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def _rng_sharded_object(is_loading: bool) -> Any:
+    """This rank's RNG states as a ShardedObject keyed by global rank."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = None if is_loading else {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _sharded_state(policy: Policy, optimizer: Any, is_loading: bool) -> dict[str, Any]:
+    model_state = model_sharded_state_dict(policy.chunks)
+    return {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                  metadata=_OPTIM_METADATA),
+        "rng": _rng_sharded_object(is_loading),
+    }
+
+
+def _results_queue_dies_with_trainer() -> None:
+    """megatron-core's checkpoint writer collects results through a queue served by a
+    ``multiprocessing`` manager process it starts on first save; that process would
+    survive a SIGKILLed trainer. Start the manager ourselves with
+    :func:`~r1mega.utils.process.die_with_parent` as its initializer."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+        _MANAGERS.append(manager)  # keep it alive for the process lifetime
+
+
+_MANAGERS: list = []
+
+
+def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
+                    scheduler: Any, trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Collectively save everything needed to resume after ``step``; returns its path."""
+    from megatron.core import dist_checkpointing
+
+    final = step_dir(root, step)
+    partial = final.with_name(final.name + ".partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    _results_queue_dies_with_trainer()
+    state = _sharded_state(policy, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["trainer"] = trainer_state
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (partial / META).write_text(json.dumps({"step": step, "world_size":
+                                                dist.get_world_size()}))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        tmp = Path(root) / (LATEST + ".tmp")
+        tmp.write_text(final.name)
+        os.replace(tmp, Path(root) / LATEST)
+        _prune(Path(root), keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = sorted(p for p in root.glob("step_*") if (p / META).exists())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest_checkpoint(root: str | Path | None) -> Path | None:
+    """The newest complete checkpoint under ``root`` (never a partial one), or None."""
+    if root is None or not Path(root).is_dir():
+        return None
+    root = Path(root)
+    latest = root / LATEST
+    if latest.exists():
+        candidate = root / latest.read_text().strip()
+        if (candidate / META).exists():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / META).exists())
+    return complete[-1] if complete else None
+
+
+def _init_empty_adam_state(optimizer: Any) -> None:
+    """Give a fresh optimizer the Adam state a checkpoint will overwrite.
+
+    Without Apex/Transformer Engine (CPU, or a GPU install without TE) megatron-core falls
+    back to torch's Adam, whose per-parameter ``step`` only exists after a first update;
+    ``DistributedOptimizer.state_dict()`` asserts on it, so a just-built optimizer cannot
+    describe the state to load. Zero moments and step 0 are exactly torch's initial state.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    for sub in chained:
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(0.0)
+                    inner.state[p]["exp_avg"] = torch.zeros_like(p)
+                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def load_checkpoint(path: str | Path, policy: Policy, optimizer: Any,
+                    scheduler: Any) -> dict[str, Any]:
+    """Collectively restore a checkpoint saved by :func:`save_checkpoint` (at any
+    layout); returns the trainer state (step, data position ...)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    _init_empty_adam_state(optimizer)
+    state = _sharded_state(policy, optimizer, is_loading=True)
+    saved_world = json.loads((Path(path) / META).read_text())["world_size"]
+    if saved_world != dist.get_world_size():
+        state.pop("rng")  # per-rank RNG streams only carry over to the same world size
+    loaded = dist_checkpointing.load(state, str(path))
+    chunks = policy.unwrapped()
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded["model"][f"model{i}"])
+    # With fp32 parameters the distributed optimizer's main params are views of the model
+    # parameters themselves (leaves that require grad): restore them without autograd.
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    rng = loaded.get("rng")
+    if isinstance(rng, dict):
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+    return dict(loaded["trainer"])

@@ -1,0 +1,36 @@
+"""Token sampling from full-vocabulary logits: temperature, top-k, top-p, seeded."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``logits`` ``[b, V]``.
+
+    Returns (tokens ``[b]``, log-probabilities of the sampled tokens under the
+    temperature-scaled, *untruncated* distribution ``[b]``; this is what the trainer
+    recomputes, so the two are comparable). ``temperature == 0`` is greedy. Each row has
+    its own generator, so a request's samples do not depend on its batch neighbours.
+    """
+    logits = logits.float()
+    if temperature == 0.0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    scaled = logits / temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    filtered = scaled.clone()
+    if top_k and top_k < filtered.shape[-1]:
+        kth = torch.topk(filtered, top_k, dim=-1).values[:, -1:]
+        filtered[filtered < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        sorted_logits[remove] = float("-inf")
+        filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(filtered, dim=-1)
+    tokens = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0]
+                          for i in range(probs.shape[0])])
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
