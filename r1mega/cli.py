@@ -13,12 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from r1mega.config import ConfigError, load_config
+from r1mega.convert.cli import add_convert_parser, run_convert
+from r1mega.planner.report import add_plan_arguments, run_plan
 
 NOT_YET = {
-    "plan": "the memory/step-time planner for both layouts",
-    "convert": "Hugging Face <-> Megatron checkpoint conversion",
     "generate": "the colocated rollout engine",
-    "eval": "pass@1 evaluation of a checkpoint",
 }
 
 
@@ -40,9 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local processes to start (default: launch.nproc_per_node)")
     plan = sub.add_parser("plan", help="per-GPU memory and step time of a config's layouts")
     _add_config_args(plan)
-    sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron")
+    add_plan_arguments(plan)
+    add_convert_parser(sub)
     sub.add_parser("generate", help="sample completions from a checkpoint")
-    sub.add_parser("eval", help="evaluate a checkpoint (pass@1 over k samples)")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (pass@1 over k samples, greedy)")
+    ev.add_argument("checkpoint", help="a checkpoint step directory, or a save_dir (latest)")
+    ev.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides (e.g. layouts when --nproc > 1)")
+    ev.add_argument("--data", default=None, help="JSONL/Parquet file or builtin:<task> "
+                    "(default: the run's data.eval_path)")
+    ev.add_argument("--k", type=int, default=4, help="samples per problem for pass@1")
+    ev.add_argument("--temperature", type=float, default=0.6)
+    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
+    ev.add_argument("--batch-size", type=int, default=64, help="samples per generation batch")
+    ev.add_argument("--output", default=None, help="write the result as JSON here")
+    ev.add_argument("--nproc", type=int, default=None, help="local processes (default 1)")
     return parser
 
 
@@ -95,6 +108,41 @@ def quiet_dependencies() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_SINGLE_PROCESS_LAYOUT = [
+    f"{layout}.{key}={value}"
+    for layout in ("train_layout", "generation_layout")
+    for key, value in (("tp", 1), ("pp", 1), ("ep", 1), ("etp", 1), ("cp", 1),
+                       ("pp_layers", "null"), ("sequence_parallel", "false"))
+] + ["launch.nproc_per_node=1"]
+
+
+def _eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Evaluate a checkpoint; its config comes from the checkpoint directory."""
+    from pathlib import Path
+
+    from r1mega.checkpointing.train_state import CONFIG, find_latest_checkpoint
+    from r1mega.launch import relaunch_local, under_launcher
+
+    path = Path(args.checkpoint)
+    if not (path / CONFIG).exists():
+        latest = find_latest_checkpoint(path)
+        if latest is None or not (latest / CONFIG).exists():
+            print(f"r1mega eval: {path} holds no r1mega checkpoint ({CONFIG} missing)",
+                  file=sys.stderr)
+            return 2
+        path = latest
+    nproc = args.nproc or 1
+    overrides = ([] if args.nproc else _SINGLE_PROCESS_LAYOUT) + list(args.overrides)
+    cfg = load_config(str(path / CONFIG), overrides, world_size=nproc)
+    if not under_launcher() and nproc > 1:
+        return relaunch_local(nproc, list(argv))
+    from r1mega.evaluation import run_eval
+
+    run_eval(cfg, str(path), args.data, args.k, args.temperature, args.top_p,
+             args.max_new_tokens, args.limit, args.batch_size, args.output)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_dependencies()
@@ -102,8 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, argv)
+        if args.command == "convert":
+            return run_convert(args)
+        if args.command == "eval":
+            return _eval(args, argv)
         if args.command == "plan":
-            load_config(args.config, args.overrides)
+            return run_plan(args)
         print(f"r1mega {args.command}: not implemented yet ({NOT_YET[args.command]})")
         return 2
     except ConfigError as err:

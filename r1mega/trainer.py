@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from parallel.layout import Layout, init_distributed, initialize_layout
@@ -32,11 +31,13 @@ from r1mega.checkpointing.train_state import (
 )
 from r1mega.data.prompts import PromptExample, PromptSampler, load_prompt_dataset
 from r1mega.data.tasks import builtin_dataset, is_builtin
-from r1mega.data.templates import apply_template
 from r1mega.data.tokenizers import build_tokenizer
 from r1mega.logging_utils import print_rank0
+from r1mega.monitoring.memory import phase_peak_gib, start_phase
+from r1mega.monitoring.wandb_logger import WandbMonitor
 from r1mega.rollout.batch import build_rollout_batch
-from r1mega.rollout.simple_sampler import SamplingParams, generate
+from r1mega.rollout.driver import sample_groups, score
+from r1mega.rollout.simple_sampler import SamplingParams
 from r1mega.training.grpo_step import grpo_step
 from r1mega.training.optim import build_lr_scheduler, build_optimizer
 from r1mega.training.policy import build_policy
@@ -54,57 +55,6 @@ def _dataset(cfg: Any, split: str) -> list[PromptExample]:
     if is_builtin(path):
         return builtin_dataset(path, split, cfg.train.seed)
     return list(load_prompt_dataset(cfg.data, split))
-
-
-def _request_seed(seed: int, step: int, row: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + row) % (2**63)
-
-
-def _rollout(cfg: Any, policy: Any, tokenizer: Any, examples: list[PromptExample],
-             step: int, layout: Layout) -> tuple[list[Any], list[PromptExample]]:
-    """Sample G responses per prompt; every rank returns the global list of samples."""
-    from megatron.core import parallel_state as ps
-
-    g = cfg.grpo.group_size
-    rows = [ex for ex in examples for _ in range(g)]
-    prompt_ids = [tokenizer.encode(apply_template(cfg.data.template, ex.prompt, tokenizer))
-                  for ex in rows]
-    per_rank = len(rows) // layout.dp
-    dp_rank = ps.get_data_parallel_rank()
-    mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
-                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                            top_k=cfg.rollout.top_k, eos_id=tokenizer.eos_id,
-                            pad_id=tokenizer.pad_id)
-    stops = [tokenizer.encode(s) for s in cfg.rollout.stop]
-    seeds = [_request_seed(cfg.train.seed, step, r) for r in range(len(rows))][mine]
-    # One microbatch per DP rank: the sampler holds no KV cache, and fewer, larger
-    # forward passes pay the pipeline's per-microbatch overhead once per token.
-    local = generate(policy, prompt_ids[mine], params, seeds, micro_batch_size=per_rank,
-                     stop_sequences=stops)
-    gathered: list[Any] = [None] * layout.dp
-    dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
-    return [s for part in gathered for s in part], rows
-
-
-def _score(reward_fn: Any, tokenizer: Any, samples: list[Any],
-           rows: list[PromptExample]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Rule rewards on rank 0, broadcast to all ranks."""
-    from r1mega.rewards import RewardInput
-
-    payload = torch.zeros(len(samples))
-    stats: dict[str, float] = {}
-    if dist.get_rank() == 0:
-        inputs = [RewardInput(prompt=ex.prompt, response=tokenizer.decode(s.response_ids),
-                              answer=ex.answer, metadata=dict(ex.metadata))
-                  for s, ex in zip(samples, rows, strict=True)]
-        total, per_reward = reward_fn(inputs)
-        payload = torch.tensor(total, dtype=torch.float32)
-        stats = {f"reward/{k}": sum(v) / len(v) for k, v in per_reward.items()}
-    holder = [stats]
-    dist.broadcast(payload, src=0)
-    dist.broadcast_object_list(holder, src=0)
-    return payload, holder[0]
 
 
 def _build_reward_fn(cfg: Any) -> Any:
@@ -145,23 +95,32 @@ def run_training(cfg: Any) -> list[StepRecord]:
         start_step = int(state["step"]) + 1
         print_rank0(f"[r1mega] resumed from {latest} (step {state['step']})")
     reward_fn = _build_reward_fn(cfg)
+    monitor = WandbMonitor(cfg, run_dir=_run_dir(cfg))
     history: list[StepRecord] = []
     try:
         for step in range(start_step, cfg.train.steps + 1):
             history.append(_train_one_step(cfg, step, layout, policy, reference, optimizer,
-                                           scheduler, sampler, tokenizer, reward_fn))
+                                           scheduler, sampler, tokenizer, reward_fn, monitor))
             interval = cfg.checkpoint.save_interval
             if cfg.checkpoint.save_dir and (step == cfg.train.steps
                                             or (interval and step % interval == 0)):
                 save_checkpoint(cfg.checkpoint.save_dir, step, policy, optimizer, scheduler,
                                 {"step": step, "sampler": sampler.state_dict()},
-                                keep_last=cfg.checkpoint.keep_last)
+                                keep_last=cfg.checkpoint.keep_last, config=cfg)
             _maybe_inject_fault(step)
     finally:
         if reward_fn is not None:
             reward_fn.close()
+        monitor.finish()
     dist.barrier()
     return history
+
+
+def _run_dir(cfg: Any) -> str | None:
+    """Where run artefacts (W&B files) go by default: beside the checkpoints."""
+    if cfg.checkpoint.save_dir:
+        return os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir))
+    return None
 
 
 def _maybe_inject_fault(step: int) -> None:
@@ -175,13 +134,23 @@ def _maybe_inject_fault(step: int) -> None:
 
 def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference: Any,
                     optimizer: Any, scheduler: Any, sampler: PromptSampler, tokenizer: Any,
-                    reward_fn: Any) -> StepRecord:
+                    reward_fn: Any, monitor: WandbMonitor) -> StepRecord:
     t0 = time.perf_counter()
+    start_phase()
     examples = sampler.next_batch()
-    samples, rows = _rollout(cfg, policy, tokenizer, examples, step, layout)
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
+                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            top_k=cfg.rollout.top_k, eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id)
+    samples, rows = sample_groups(policy, tokenizer, examples, cfg.grpo.group_size, params,
+                                  cfg.data.template, list(cfg.rollout.stop), cfg.train.seed,
+                                  step, layout.dp)
+    rollout_gib = phase_peak_gib()
     t1 = time.perf_counter()
-    rewards, reward_stats = _score(reward_fn, tokenizer, samples, rows)
+    rewards, per_reward = score(reward_fn, tokenizer, samples, rows)
+    reward_stats = {f"reward/{k}": sum(v) / len(v) for k, v in per_reward.items()}
     t2 = time.perf_counter()
+    start_phase()
     batch, truncated = build_rollout_batch(samples, rewards.tolist(), cfg.train.seq_length,
                                            tokenizer.pad_id)
     metrics = grpo_step(policy, reference, optimizer, scheduler, batch, cfg.grpo, cfg.train,
@@ -193,17 +162,26 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
     new_tokens = sum(lengths)
     metrics.update(reward_stats)
     metrics.update({
-        "response_length": sum(lengths) / len(lengths), "truncated": float(truncated),
+        "response_length": sum(lengths) / len(lengths),
+        "response_length_max": float(max(lengths)), "truncated": float(truncated),
+        "finished_frac": sum(s.finished for s in samples) / len(samples),
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+        "time/step": t3 - t0,
         "tokens_per_s": (new_tokens + int(batch.response_mask.sum())) / (t3 - t0),
+        "memory/rollout_gib": rollout_gib, "memory/train_gib": phase_peak_gib(),
     })
+    monitor.log_step(step, metrics, response_lengths=lengths, samples=[
+        {"prompt": ex.prompt, "answer": ex.answer or "",
+         "response": tokenizer.decode(s.response_ids), "reward": float(r)}
+        for s, ex, r in zip(samples, rows, rewards.tolist(), strict=True)])
     print_rank0(
         f"step {step}/{cfg.train.steps} | reward {metrics['reward_mean']:.3f} | "
         f"acc {metrics.get('reward/accuracy', float('nan')):.3f} | "
         f"format {metrics.get('reward/format', float('nan')):.3f} | "
         f"len {metrics['response_length']:.1f} | kl {metrics['kl_ref']:.4f} | "
         f"entropy {metrics['entropy']:.3f} | clip {metrics['clip_frac']:.3f} | "
-        f"grad_norm {metrics['grad_norm']:.3f} | tok/s {metrics['tokens_per_s']:,.0f} | "
+        f"grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
+        f"tok/s {metrics['tokens_per_s']:,.0f} | "
         f"rollout {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s"
     )
     return StepRecord(step=step, metrics=metrics)

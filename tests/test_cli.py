@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.distributed import ROOT
 
@@ -25,11 +27,38 @@ def test_help_lists_subcommands() -> None:
         assert re.search(rf"^\s+{command}\s", out.stdout, re.M), out.stdout
 
 
-def test_tiny_cpu_run_prints_step_lines() -> None:
+WANDB_METRICS = (
+    "train/loss", "train/kl", "train/entropy", "train/clip_frac", "train/grad_norm",
+    "train/lr", "reward/mean", "reward/accuracy", "reward/format",
+    "rollout/response_length", "rollout/response_length_hist", "rollout/samples",
+    "perf/tokens_per_s", "perf/time_rollout_s", "perf/time_train_s", "memory/train_gib",
+    "memory/rollout_gib",
+)
+
+
+def offline_run_keys(wandb_dir: Path) -> set[str]:
+    """Metric names logged to an offline W&B run, read back with `wandb leet inspect`."""
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline W&B run under {wandb_dir}"
+    cli = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(cli), "leet", "inspect", "--json", str(runs[-1])],
+                         capture_output=True, text=True, timeout=120, check=True)
+    keys: set[str] = set()
+    for line in out.stdout.splitlines():
+        record = json.loads(line)
+        if record.get("type") == "history":
+            # Media are flattened ("rollout/samples._type", ...); metric names have no dot.
+            keys.update(key.split(".")[0] for key in record["history"]["item"])
+    return keys
+
+
+def test_tiny_cpu_run_prints_step_lines_logs_wandb_and_evaluates(tmp_path: Path) -> None:
     """The README's run command: 2 processes, PP=2 tiny DeepSeek-V3, GRPO steps complete
-    with rollouts, rewards and updates, one progress line per step."""
+    with rollouts, rewards and updates, one progress line per step; the same metrics in
+    an offline W&B run; then `r1mega eval` on the checkpoint it wrote."""
     out = r1mega("train", "configs/tiny_cpu.yaml", "train.steps=2", "rollout.max_new_tokens=8",
-                 "checkpoint.save_dir=null")
+                 f"checkpoint.save_dir={tmp_path / 'ck'}", f"logging.wandb_dir={tmp_path}",
+                 "logging.sample_table_interval=1")
     assert out.returncode == 0, out.stderr[-5000:]
     assert "train layout TP=1 PP=2" in out.stdout
     lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
@@ -37,12 +66,25 @@ def test_tiny_cpu_run_prints_step_lines() -> None:
     for line in lines:
         fields = dict(part.split(" ", 1) for part in line.split(" | ")[1:-1])
         for key in ("reward", "acc", "format", "len", "kl", "entropy", "clip", "grad_norm",
-                    "tok/s"):
+                    "lr", "tok/s"):
             assert key in fields, line
         # Untrained on a 512-token vocabulary: near-uniform, entropy close to ln 512 = 6.24.
         assert 5.5 < float(fields["entropy"]) < 6.3, line
         assert 1 <= float(fields["len"]) <= 8, line
     assert "UserWarning" not in out.stderr
+
+    missing = set(WANDB_METRICS) - offline_run_keys(tmp_path)
+    assert not missing, missing
+
+    result_file = tmp_path / "eval.json"
+    ev = r1mega("eval", str(tmp_path / "ck"), "--limit", "4", "--k", "2",
+                "--max-new-tokens", "4", "--output", str(result_file))
+    assert ev.returncode == 0, ev.stderr[-4000:]
+    assert "pass@1 (k=2" in ev.stdout and "greedy accuracy" in ev.stdout
+    result = json.loads(result_file.read_text())
+    assert result["problems"] == 4 and result["k"] == 2
+    assert 0.0 <= result["pass_at_1"] <= 1.0 and 0.0 <= result["greedy_accuracy"] <= 1.0
+    assert 1 <= result["mean_response_length"] <= 4
 
 
 def _refused(out: subprocess.CompletedProcess[str], *needles: str) -> None:

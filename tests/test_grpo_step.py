@@ -30,10 +30,13 @@ REL_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    """Single-process padded runs; ``kl_reward`` changes the objective, so it has its own."""
+    """Single-process runs. ``kl_reward`` changes the objective, so it has its own; so does
+    packed DeepSeek-V3: padding rows count in the MoE router's expert-bias load statistics
+    (megatron-core passes no padding mask to it), packed ones do not, so after one update
+    the expert biases, and hence the routing, legitimately differ."""
     dirs = {}
     for model, variant in (("dense", "padded"), ("deepseek_v3", "padded"),
-                           ("deepseek_v3", "kl_reward")):
+                           ("deepseek_v3", "packed"), ("deepseek_v3", "kl_reward")):
         work = tmp_path_factory.mktemp(f"grpo_ref_{model}_{variant}")
         run_torchrun(1, WORKER, model, 1, 1, 1, work, variant)
         dirs[model, variant] = work
@@ -41,7 +44,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
 
 
 LAYOUTS = [
-    # (model, tp, pp, ep, world, variant); packed runs are compared with the padded
+    # (model, tp, pp, ep, world, variant); packed dense runs are compared with the padded
     # single-process reference: packing must not change the result.
     ("dense", 2, 1, 1, 2, "padded"),
     ("dense", 1, 2, 1, 2, "padded"),
@@ -62,7 +65,7 @@ LAYOUTS = [
 def test_grpo_step_matches_single_process(references: dict[tuple[str, str], Path],
                                           tmp_path: Path, model: str, tp: int, pp: int,
                                           ep: int, world: int, variant: str) -> None:
-    reference = references[model, "kl_reward" if variant == "kl_reward" else "padded"]
+    reference = references.get((model, variant), references[model, "padded"])
     for name in ("initial", "final"):
         (tmp_path / name).symlink_to(reference / name)
     run_torchrun(world, WORKER, model, tp, pp, ep, tmp_path, variant)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from r1mega.training.policy import Policy
 from r1mega.utils.process import die_with_parent
 
 META = "r1mega_meta.json"
+CONFIG = "r1mega_config.yaml"
 # Each rank writes its own optimizer-state buckets in parallel, no gather (megatron-core
 # 0.19.2 refuses the parameter-space format for flattened shards). Optimizer state then
 # reloads at the same TP/PP/EP layout (any DP for the model); weights load at any layout.
@@ -38,8 +40,17 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 LATEST = "latest"
 
 
+_STEP_DIR = re.compile(r"step_\d{8}")
+
+
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
+
+
+def _complete_steps(root: Path) -> list[Path]:
+    """Finished step directories, oldest first (``.partial`` ones never count)."""
+    return sorted(p for p in root.glob("step_*")
+                  if _STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / META).exists())
 
 
 def _rng_sharded_object(is_loading: bool) -> Any:
@@ -87,8 +98,12 @@ _MANAGERS: list = []
 
 
 def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
-                    scheduler: Any, trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
-    """Collectively save everything needed to resume after ``step``; returns its path."""
+                    scheduler: Any, trainer_state: dict[str, Any], keep_last: int = 0,
+                    config: Any = None) -> Path:
+    """Collectively save everything needed to resume after ``step``; returns its path.
+
+    ``config`` (the job's resolved config) is stored beside the weights, so tools such as
+    `r1mega eval CHECKPOINT` can rebuild the model from the checkpoint alone."""
     from megatron.core import dist_checkpointing
 
     final = step_dir(root, step)
@@ -101,9 +116,14 @@ def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
     state = _sharded_state(policy, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict()
     state["trainer"] = trainer_state
+    state["adam_step"] = _adam_step(optimizer)
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
+        if config is not None:
+            from omegaconf import OmegaConf
+
+            (partial / CONFIG).write_text(OmegaConf.to_yaml(config))
         (partial / META).write_text(json.dumps({"step": step, "world_size":
                                                 dist.get_world_size()}))
         if final.exists():
@@ -120,8 +140,7 @@ def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    complete = sorted(p for p in root.glob("step_*") if (p / META).exists())
-    for old in complete[:-keep_last]:
+    for old in _complete_steps(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -133,9 +152,9 @@ def find_latest_checkpoint(root: str | Path | None) -> Path | None:
     latest = root / LATEST
     if latest.exists():
         candidate = root / latest.read_text().strip()
-        if (candidate / META).exists():
+        if _STEP_DIR.fullmatch(candidate.name) and (candidate / META).exists():
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / META).exists())
+    complete = _complete_steps(root)
     return complete[-1] if complete else None
 
 
@@ -158,6 +177,39 @@ def _init_empty_adam_state(optimizer: Any) -> None:
                     inner.state[p]["step"] = torch.tensor(0.0)
                     inner.state[p]["exp_avg"] = torch.zeros_like(p)
                     inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _torch_adam_states(optimizer: Any) -> list[dict[str, Any]]:
+    """Per-parameter states of the torch optimizers inside a megatron optimizer."""
+    states = []
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            states.extend(inner.state.values())
+    return states
+
+
+def _adam_step(optimizer: Any) -> float | None:
+    steps = {float(s["step"]) for s in _torch_adam_states(optimizer)
+             if isinstance(s.get("step"), torch.Tensor)}
+    return max(steps) if steps else None
+
+
+def _restore_adam_steps(optimizer: Any, step: float | None) -> None:
+    """Put back torch Adam's per-parameter ``step`` after a load.
+
+    megatron-core 0.19.2's ``DistributedOptimizer`` on the torch-Adam fallback (no
+    Apex/TE: CPU, or a GPU install without TE) neither restores the saved step (the
+    fresh optimizer's value survives) nor keeps the counters separate (one tensor is
+    shared by every parameter, and torch increments each parameter's step in place).
+    Either would silently change Adam's bias correction after a resume, so the step is
+    saved by the trainer and written back here, one tensor per parameter.
+    """
+    if step is None:
+        return
+    for state in _torch_adam_states(optimizer):
+        if "step" in state:
+            state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def load_checkpoint(path: str | Path, policy: Policy, optimizer: Any,
@@ -183,6 +235,7 @@ def load_checkpoint(path: str | Path, policy: Policy, optimizer: Any,
     # parameters themselves (leaves that require grad): restore them without autograd.
     with torch.no_grad():
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, loaded.get("adam_step"))
     scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded.get("rng")
     if isinstance(rng, dict):

@@ -28,7 +28,9 @@ def main(config: str, first: str, second: str, out: str) -> None:
     b = {k: v.detach().clone() for k, v in module.state_dict().items() if hasattr(v, "shape")}
     diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
     with open(out, "w") as f:
-        json.dump({"max_abs_diff": max(diffs.values()), "num_tensors": len(diffs)}, f)
+        worst = sorted(diffs, key=diffs.get, reverse=True)[:5]
+        json.dump({"max_abs_diff": max(diffs.values()), "num_tensors": len(diffs),
+                   "worst": {k: diffs[k] for k in worst}}, f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Run monitoring: console progress lines and Weights & Biases."""
