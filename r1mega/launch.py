@@ -12,6 +12,8 @@ import os
 import socket
 import sys
 
+from r1mega.preemption import REQUEUE_EXIT_CODE
+
 
 def under_launcher() -> bool:
     """True when this process was started by torchrun or srun."""
@@ -27,8 +29,23 @@ def free_port() -> int:
 
 
 def relaunch_local(nproc: int, argv: list[str], port: int | None = None) -> int:
-    """Run ``python -m r1mega.cli <argv>`` as ``nproc`` local ranks; returns the exit code."""
+    """Run ``python -m r1mega.cli <argv>`` as ``nproc`` local ranks; returns the exit code.
+
+    Preemption works as under Slurm: SIGUSR1 or SIGTERM to this launcher reaches the
+    ranks as SIGTERM (torch's elastic agent forwards SIGTERM, then waits for them), the
+    ranks checkpoint and leave, and the launcher exits with ``REQUEUE_EXIT_CODE`` when
+    rank 0 confirmed the checkpoint through the requeue marker file.
+    """
+    import signal
+    import tempfile
+
     from torch.distributed.run import main as torchrun_main
+
+    from r1mega.preemption import REQUEUE_MARKER_ENV
+
+    marker = os.path.join(tempfile.mkdtemp(prefix="r1mega-"), "requeue")
+    os.environ[REQUEUE_MARKER_ENV] = marker
+    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
 
     args = [
         "--nproc-per-node", str(nproc),
@@ -40,8 +57,15 @@ def relaunch_local(nproc: int, argv: list[str], port: int | None = None) -> int:
     try:
         torchrun_main(args)
     except SystemExit as exc:  # the elastic launcher exits with the workers' status
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
     except Exception as exc:  # noqa: BLE001 - ChildFailedError: the worker already printed
-        print(f"r1mega: a worker process failed ({type(exc).__name__})", file=sys.stderr)
-        return 1
-    return 0
+        codes = {f.exitcode for f in getattr(exc, "failures", {}).values()}
+        code = REQUEUE_EXIT_CODE if codes == {REQUEUE_EXIT_CODE} else 1
+        if code != REQUEUE_EXIT_CODE and not os.path.exists(marker):
+            print(f"r1mega: a worker process failed ({type(exc).__name__})", file=sys.stderr)
+    else:
+        code = 0
+    if os.path.exists(marker):
+        # Rank 0 wrote the marker after the preemption checkpoint was on disk.
+        return REQUEUE_EXIT_CODE
+    return code

@@ -35,6 +35,7 @@ from r1mega.data.tokenizers import build_tokenizer
 from r1mega.logging_utils import print_rank0
 from r1mega.monitoring.memory import phase_peak_gib, start_phase
 from r1mega.monitoring.wandb_logger import WandbMonitor
+from r1mega.preemption import PreemptionHandler
 from r1mega.rollout.batch import build_rollout_batch
 from r1mega.rollout.driver import sample_groups, score
 from r1mega.rollout.simple_sampler import SamplingParams
@@ -67,6 +68,7 @@ def _build_reward_fn(cfg: Any) -> Any:
 
 def run_training(cfg: Any) -> list[StepRecord]:
     """Entry point of every rank for `r1mega train`."""
+    preemption = PreemptionHandler().install()
     env = init_distributed(default_port=cfg.launch.master_port)
     layout = Layout.from_config(cfg.train_layout, env.world_size, name="train_layout")
     initialize_layout(layout)
@@ -97,17 +99,31 @@ def run_training(cfg: Any) -> list[StepRecord]:
     reward_fn = _build_reward_fn(cfg)
     monitor = WandbMonitor(cfg, run_dir=_run_dir(cfg))
     history: list[StepRecord] = []
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(cfg.checkpoint.save_dir, step, policy, optimizer, scheduler,
+                        {"step": step, "sampler": sampler.state_dict()},
+                        keep_last=cfg.checkpoint.keep_last, config=cfg)
+
     try:
         for step in range(start_step, cfg.train.steps + 1):
             history.append(_train_one_step(cfg, step, layout, policy, reference, optimizer,
                                            scheduler, sampler, tokenizer, reward_fn, monitor))
             interval = cfg.checkpoint.save_interval
-            if cfg.checkpoint.save_dir and (step == cfg.train.steps
-                                            or (interval and step % interval == 0)):
-                save_checkpoint(cfg.checkpoint.save_dir, step, policy, optimizer, scheduler,
-                                {"step": step, "sampler": sampler.state_dict()},
-                                keep_last=cfg.checkpoint.keep_last, config=cfg)
+            saved = bool(cfg.checkpoint.save_dir) and (
+                step == cfg.train.steps or bool(interval and step % interval == 0))
+            if saved:
+                checkpoint(step)
             _maybe_inject_fault(step)
+            # Slurm's --signal / scancel --signal=USR1 / preemption: finish the step, save,
+            # exit with the code the launcher turns into a requeue.
+            if step < cfg.train.steps and preemption.should_stop():
+                print_rank0(f"[r1mega] preemption signal: checkpointing after step {step} "
+                            "and exiting for requeue")
+                if cfg.checkpoint.save_dir and not saved:
+                    checkpoint(step)
+                monitor.finish()
+                preemption.exit_for_requeue(checkpointed=bool(cfg.checkpoint.save_dir))
     finally:
         if reward_fn is not None:
             reward_fn.close()

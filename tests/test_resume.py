@@ -79,3 +79,41 @@ def test_partial_checkpoint_is_never_picked(tmp_path: Path) -> None:
     (tmp_path / "latest").write_text(no_meta.name)  # stale pointer to an incomplete one
     assert find_latest_checkpoint(tmp_path) == done
     assert find_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path) -> None:
+    """Slurm's --signal=USR1 (here sent to the local launcher): the ranks finish the
+    step, checkpoint, exit with REQUEUE_EXIT_CODE; the next start resumes from there."""
+    import signal
+    import time
+
+    from r1mega.preemption import REQUEUE_EXIT_CODE
+
+    save_dir, log = tmp_path / "ck", tmp_path / "train.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE"):
+        env.pop(var, None)
+    args = [sys.executable, "-m", "r1mega.cli", "train", "configs/tiny_cpu.yaml",
+            "train.steps=50", "rollout.max_new_tokens=8", "logging.wandb_mode=disabled",
+            f"checkpoint.save_dir={save_dir}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        while "step 1/50" not in log.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=300)
+    text = log.read_text()
+    assert code == REQUEUE_EXIT_CODE, text[-3000:]
+    assert "preemption signal: checkpointing after step" in text
+    latest = find_latest_checkpoint(save_dir)
+    assert latest is not None
+    stopped_at = json.loads((latest / META).read_text())["step"]
+    assert f"step {stopped_at + 1}/50" not in text
+
+    resumed = _train(save_dir, "train.steps=" + str(stopped_at + 1), "logging.wandb_mode=disabled")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {stopped_at})" in resumed.stdout
+    assert f"step {stopped_at + 1}/{stopped_at + 1}" in resumed.stdout
