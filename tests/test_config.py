@@ -75,7 +75,7 @@ def test_r1_zero_671b_loads_on_512_ranks() -> None:
     assert cfg.grpo.group_size == 16 and cfg.grpo.kl_coef == pytest.approx(0.001)
     assert cfg.train.lr == pytest.approx(3e-6) and cfg.train.global_batch_size == 512
     assert cfg.slurm.nodes * cfg.slurm.gpus_per_node == 512
-    assert data_parallel_size(cfg.train_layout, 512) == 32
+    assert data_parallel_size(cfg.train_layout, 512) == 8
     assert expert_data_parallel_size(cfg.generation_layout, 512) == 8
 
 
