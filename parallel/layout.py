@@ -108,8 +108,19 @@ def detect_distributed_env(default_port: int = 29500) -> DistributedEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)), master_addr=env["MASTER_ADDR"],
             master_port=int(env.get("MASTER_PORT", default_port)), launcher="slurm",
         )
+    # A lone process rendezvous with itself: any free port, so that concurrent single
+    # process jobs (tools, tests) never collide on the default one.
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
     return DistributedEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                          master_port=default_port, launcher="single")
+                          master_port=port, launcher="single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_distributed(timeout_minutes: int = 30, default_port: int = 29500) -> DistributedEnv:

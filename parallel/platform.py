@@ -147,6 +147,11 @@ def apply_cpu_platform() -> bool:
 
     # (1) CUDA device queries and CUDA tensor factories resolve to the CPU.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # torch lists its factory functions once (for `with torch.device(...)`); list the
+    # originals before wrapping them, or that context manager stops applying.
+    from torch.utils import _device as torch_device_mode
+
+    torch_device_mode._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _on_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]

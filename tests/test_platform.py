@@ -67,6 +67,8 @@ def test_cpu_platform_maps_cuda_factories_and_is_idempotent() -> None:
     assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
     assert torch.cuda.current_device() == "cpu"
     assert torch.ones(1).cuda().device.type == "cpu"
+    with torch.device("meta"):  # the wrapped factories still honour the device context
+        assert torch.zeros(2).device.type == "meta"
 
 
 class _BrokenTE(importlib.abc.MetaPathFinder):
