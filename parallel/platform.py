@@ -52,6 +52,10 @@ Adaptations (megatron-core 0.19.2):
    CUDA type names (only for the argument-less ``Tensor.type()`` and only during
    those constructors and gradient clipping, which asserts the same).
 
+9. The gloo refit copy service (``megatron.core.resharding``) and the RL offload
+   helpers stage through pinned host buffers (``pin_memory=True``), which needs a CUDA
+   driver. Without a GPU the host *is* the device: pinning is dropped.
+
 The MoE ``alltoall`` dispatcher creates CUDA streams; on CPU the model
 provider selects the ``allgather`` dispatcher (see ``r1mega.models``), which is
 numerically identical.
@@ -98,6 +102,8 @@ def _on_cpu(factory: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # pinning needs a CUDA driver (adaptation 9)
         return factory(*args, **kwargs)
 
     wrapper.__r1mega_cpu__ = True  # type: ignore[attr-defined]
@@ -123,6 +129,25 @@ def _with_cuda_type_names(fn: Any) -> Any:
             torch.Tensor.type = original_type  # type: ignore[method-assign]
 
     return wrapper
+
+
+class _CpuStream(torch.cpu.Stream):
+    """torch's CPU stream plus the CUDA stream methods megatron-core calls (adaptation 5).
+
+    CPU work is synchronous, so waiting on or synchronising a stream has nothing to do.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _CpuStream:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
 
 
 def apply_cpu_platform() -> bool:
@@ -155,14 +180,16 @@ def apply_cpu_platform() -> bool:
     for name in _FACTORIES:
         setattr(torch, name, _on_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+    # (9) Pinned host buffers (refit staging, offload) are ordinary host memory.
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self  # type: ignore[assignment]
     # (5) Synchronisation and allocator bookkeeping become no-ops.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
     torch.cuda.memory_allocated = lambda device=None: 0  # type: ignore[assignment]
     torch.cuda.max_memory_allocated = lambda device=None: 0  # type: ignore[assignment]
     torch.cuda.memory_reserved = lambda device=None: 0  # type: ignore[assignment]
-    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()  # type: ignore
-    torch.cuda.Stream = torch.cpu.Stream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda device=None: _CpuStream()  # type: ignore
+    torch.cuda.Stream = _CpuStream  # type: ignore[assignment,misc]
     torch.cuda.Event = torch.cpu.Event  # type: ignore[assignment,misc]
     torch.cuda.stream = torch.cpu.stream  # type: ignore[assignment]
 
@@ -286,11 +313,8 @@ class SDPACoreAttention(torch.nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        # q/k/v: [b, heads, s, d]
-        if self.num_heads != k.shape[1]:
-            repeat = self.num_heads // k.shape[1]
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
+        # q/k/v: [b, heads, s, d]; GQA: SDPA shares each key/value head among its group of
+        # query heads itself (no copies of the keys and values).
         attn_mask = None
         if mask is not None:
             attn_mask = ~mask.bool()  # megatron masks are True where attention is blocked
@@ -298,6 +322,7 @@ class SDPACoreAttention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            enable_gqa=self.num_heads != k.shape[1],
         )
 
     def forward(

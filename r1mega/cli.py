@@ -16,10 +16,6 @@ from r1mega.config import ConfigError, load_config
 from r1mega.convert.cli import add_convert_parser, run_convert
 from r1mega.planner.report import add_plan_arguments, run_plan
 
-NOT_YET = {
-    "generate": "the colocated rollout engine",
-}
-
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (e.g. configs/tiny_cpu.yaml)")
@@ -41,7 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(plan)
     add_plan_arguments(plan)
     add_convert_parser(sub)
-    sub.add_parser("generate", help="sample completions from a checkpoint")
+    gen = sub.add_parser("generate", help="sample completions from a checkpoint")
+    gen.add_argument("checkpoint", help="a checkpoint step directory, or a save_dir (latest)")
+    gen.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="config overrides (e.g. layouts when --nproc > 1)")
+    gen.add_argument("--prompt", action="append", default=[],
+                     help="a prompt (repeat for several)")
+    gen.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--template", default=None, help="r1_zero | chat | none "
+                     "(default: the run's data.template)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--output", default=None, help="write completions as JSONL here")
+    gen.add_argument("--nproc", type=int, default=None, help="local processes (default 1)")
     ev = sub.add_parser("eval", help="evaluate a checkpoint (pass@1 over k samples, greedy)")
     ev.add_argument("checkpoint", help="a checkpoint step directory, or a save_dir (latest)")
     ev.add_argument("overrides", nargs="*", metavar="key=value",
@@ -116,30 +128,73 @@ _SINGLE_PROCESS_LAYOUT = [
 ] + ["launch.nproc_per_node=1"]
 
 
-def _eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Evaluate a checkpoint; its config comes from the checkpoint directory."""
+def _checkpoint_dir(path_arg: str, command: str) -> object:
+    """The checkpoint step directory for ``path_arg`` (itself, or a save_dir's newest)."""
     from pathlib import Path
 
     from r1mega.checkpointing.train_state import CONFIG, find_latest_checkpoint
-    from r1mega.launch import relaunch_local, under_launcher
 
-    path = Path(args.checkpoint)
+    path = Path(path_arg)
     if not (path / CONFIG).exists():
         latest = find_latest_checkpoint(path)
         if latest is None or not (latest / CONFIG).exists():
-            print(f"r1mega eval: {path} holds no r1mega checkpoint ({CONFIG} missing)",
+            print(f"r1mega {command}: {path} holds no r1mega checkpoint ({CONFIG} missing)",
                   file=sys.stderr)
-            return 2
+            return None
         path = latest
+    return path
+
+
+def _checkpoint_config(args: argparse.Namespace, path: object) -> tuple[object, int]:
+    """The checkpoint's own config, for one process unless --nproc is given."""
+    from r1mega.checkpointing.train_state import CONFIG
+
     nproc = args.nproc or 1
     overrides = ([] if args.nproc else _SINGLE_PROCESS_LAYOUT) + list(args.overrides)
-    cfg = load_config(str(path / CONFIG), overrides, world_size=nproc)
+    return load_config(str(path / CONFIG), overrides, world_size=nproc), nproc
+
+
+def _eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Evaluate a checkpoint; its config comes from the checkpoint directory."""
+    from r1mega.launch import relaunch_local, under_launcher
+
+    path = _checkpoint_dir(args.checkpoint, "eval")
+    if path is None:
+        return 2
+    cfg, nproc = _checkpoint_config(args, path)
     if not under_launcher() and nproc > 1:
         return relaunch_local(nproc, list(argv))
     from r1mega.evaluation import run_eval
 
     run_eval(cfg, str(path), args.data, args.k, args.temperature, args.top_p,
              args.max_new_tokens, args.limit, args.batch_size, args.output)
+    return 0
+
+
+def _generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Sample completions from a checkpoint with the rollout engine."""
+    from r1mega.launch import relaunch_local, under_launcher
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        print("r1mega generate: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
+        return 2
+    path = _checkpoint_dir(args.checkpoint, "generate")
+    if path is None:
+        return 2
+    cfg, nproc = _checkpoint_config(args, path)
+    if not under_launcher() and nproc > 1:
+        return relaunch_local(nproc, list(argv))
+    from r1mega.generation import run_generate
+    from r1mega.rollout.types import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens or cfg.rollout.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    run_generate(cfg, str(path), prompts, args.n, params, args.template or cfg.data.template,
+                 args.seed, args.output)
     return 0
 
 
@@ -154,10 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_convert(args)
         if args.command == "eval":
             return _eval(args, argv)
-        if args.command == "plan":
-            return run_plan(args)
-        print(f"r1mega {args.command}: not implemented yet ({NOT_YET[args.command]})")
-        return 2
+        if args.command == "generate":
+            return _generate(args, argv)
+        return run_plan(args)
     except ConfigError as err:
         print(f"r1mega: invalid configuration:\n{err}", file=sys.stderr)
         return 2

@@ -28,8 +28,9 @@ from r1mega.data.prompts import PromptDataset, PromptExample
 from r1mega.data.tasks import builtin_dataset, is_builtin
 from r1mega.data.tokenizers import build_tokenizer
 from r1mega.logging_utils import print_rank0
-from r1mega.rollout.driver import sample_groups, score
-from r1mega.rollout.simple_sampler import SamplingParams
+from r1mega.rollout.colocated import generation_layout_for
+from r1mega.rollout.driver import Sampler, build_sampler, sample_groups, score
+from r1mega.rollout.types import SamplingParams
 from r1mega.training.policy import build_policy
 
 
@@ -62,7 +63,7 @@ def _accuracy_reward() -> Any:
     return RewardFunction.from_config({"specs": [{"name": "accuracy", "weight": 1.0}]})
 
 
-def _evaluate_rows(cfg: Any, policy: Any, tokenizer: Any, examples: list[PromptExample],
+def _evaluate_rows(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[PromptExample],
                    group: int, params: SamplingParams, layout: Layout, reward_fn: Any,
                    batch_size: int) -> tuple[list[float], list[int]]:
     """Correctness (0/1) and response length of ``group`` samples for every example."""
@@ -76,9 +77,9 @@ def _evaluate_rows(cfg: Any, policy: Any, tokenizer: Any, examples: list[PromptE
         real = len(chunk)
         while (len(chunk) * group) % layout.dp:
             chunk = chunk + chunk[-1:]
-        samples, rows = sample_groups(policy, tokenizer, chunk, group, params,
+        samples, rows = sample_groups(sampler, tokenizer, chunk, group, params,
                                       cfg.data.template, list(cfg.rollout.stop),
-                                      cfg.train.seed, start, layout.dp)
+                                      cfg.train.seed, start)
         _, per_reward = score(reward_fn, tokenizer, samples, rows)
         keep = real * group
         correct.extend(per_reward.get("accuracy", [0.0] * len(samples))[:keep])
@@ -96,16 +97,18 @@ def run_eval(cfg: Any, checkpoint: str, data: str | None, k: int, temperature: f
     tokenizer = build_tokenizer(cfg.tokenizer)
     policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
     load_model(policy.chunks, checkpoint)
+    sampler = build_sampler(generation_layout_for(cfg, env.world_size), policy, None,
+                            tokenizer)
     examples = _examples(cfg, data, limit)
     reward_fn = _accuracy_reward() if dist.get_rank() == 0 else None
     new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     common = dict(max_new_tokens=new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     try:
         sampled, lengths = _evaluate_rows(
-            cfg, policy, tokenizer, examples, k,
+            cfg, sampler, tokenizer, examples, k,
             SamplingParams(temperature=temperature, top_p=top_p, **common), layout, reward_fn,
             batch_size)
-        greedy, _ = _evaluate_rows(cfg, policy, tokenizer, examples, 1,
+        greedy, _ = _evaluate_rows(cfg, sampler, tokenizer, examples, 1,
                                    SamplingParams(temperature=0.0, **common), layout,
                                    reward_fn, batch_size)
     finally:

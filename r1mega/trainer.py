@@ -1,10 +1,10 @@
 """The R1-Zero training loop on every rank: rollouts, rewards, GRPO updates, checkpoints.
 
-Per step: take ``rollout.prompts_per_step`` prompts, apply the template, sample
-``grpo.group_size`` responses per prompt with the policy, score them with the rule
-rewards, and run one GRPO update (:func:`r1mega.training.grpo_step.grpo_step`).
-Responses come from the simple sampler (the policy in its training layout, see
-:mod:`r1mega.rollout.simple_sampler`) until the colocated rollout engine replaces it.
+Per step: take ``rollout.prompts_per_step`` prompts, apply the template, reshard the
+policy's weights into the generation layout and sample ``grpo.group_size`` responses per
+prompt with the colocated rollout engine (:mod:`r1mega.rollout.colocated`), score them
+with the rule rewards, and run one GRPO update
+(:func:`r1mega.training.grpo_step.grpo_step`) in the training layout.
 
 A run resumes from the newest complete checkpoint under ``checkpoint.save_dir``
 (model, optimizer, LR schedule, RNG and data position), so a job killed at any point
@@ -37,8 +37,8 @@ from r1mega.monitoring.memory import phase_peak_gib, start_phase
 from r1mega.monitoring.wandb_logger import WandbMonitor
 from r1mega.preemption import PreemptionHandler
 from r1mega.rollout.batch import build_rollout_batch
-from r1mega.rollout.driver import sample_groups, score
-from r1mega.rollout.simple_sampler import SamplingParams
+from r1mega.rollout.driver import Sampler, build_sampler, sample_groups, score
+from r1mega.rollout.types import SamplingParams
 from r1mega.training.grpo_step import grpo_step
 from r1mega.training.optim import build_lr_scheduler, build_optimizer
 from r1mega.training.policy import build_policy
@@ -96,6 +96,9 @@ def run_training(cfg: Any) -> list[StepRecord]:
         sampler.load_state_dict(state["sampler"])
         start_step = int(state["step"]) + 1
         print_rank0(f"[r1mega] resumed from {latest} (step {state['step']})")
+    rollout = build_sampler(cfg, policy, optimizer, tokenizer)
+    if hasattr(rollout, "describe"):
+        print_rank0(f"[r1mega] rollout engine: {rollout.describe()}")
     reward_fn = _build_reward_fn(cfg)
     monitor = WandbMonitor(cfg, run_dir=_run_dir(cfg))
     history: list[StepRecord] = []
@@ -108,7 +111,8 @@ def run_training(cfg: Any) -> list[StepRecord]:
     try:
         for step in range(start_step, cfg.train.steps + 1):
             history.append(_train_one_step(cfg, step, layout, policy, reference, optimizer,
-                                           scheduler, sampler, tokenizer, reward_fn, monitor))
+                                           scheduler, sampler, rollout, tokenizer, reward_fn,
+                                           monitor))
             interval = cfg.checkpoint.save_interval
             saved = bool(cfg.checkpoint.save_dir) and (
                 step == cfg.train.steps or bool(interval and step % interval == 0))
@@ -149,8 +153,8 @@ def _maybe_inject_fault(step: int) -> None:
 
 
 def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference: Any,
-                    optimizer: Any, scheduler: Any, sampler: PromptSampler, tokenizer: Any,
-                    reward_fn: Any, monitor: WandbMonitor) -> StepRecord:
+                    optimizer: Any, scheduler: Any, sampler: PromptSampler, rollout: Sampler,
+                    tokenizer: Any, reward_fn: Any, monitor: WandbMonitor) -> StepRecord:
     t0 = time.perf_counter()
     start_phase()
     examples = sampler.next_batch()
@@ -158,9 +162,9 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
                             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                             top_k=cfg.rollout.top_k, eos_id=tokenizer.eos_id,
                             pad_id=tokenizer.pad_id)
-    samples, rows = sample_groups(policy, tokenizer, examples, cfg.grpo.group_size, params,
+    samples, rows = sample_groups(rollout, tokenizer, examples, cfg.grpo.group_size, params,
                                   cfg.data.template, list(cfg.rollout.stop), cfg.train.seed,
-                                  step, layout.dp)
+                                  step)
     rollout_gib = phase_peak_gib()
     t1 = time.perf_counter()
     rewards, per_reward = score(reward_fn, tokenizer, samples, rows)
@@ -177,6 +181,10 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
     lengths = [len(s.response_ids) for s in samples]
     new_tokens = sum(lengths)
     metrics.update(reward_stats)
+    metrics.update(rollout.metrics)
+    handover = getattr(rollout, "handover", None)
+    if handover is not None:
+        metrics.update(handover.held_metrics("train"))
     metrics.update({
         "response_length": sum(lengths) / len(lengths),
         "response_length_max": float(max(lengths)), "truncated": float(truncated),
@@ -190,7 +198,17 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
         {"prompt": ex.prompt, "answer": ex.answer or "",
          "response": tokenizer.decode(s.response_ids), "reward": float(r)}
         for s, ex, r in zip(samples, rows, rewards.tolist(), strict=True)])
-    print_rank0(
+    print_rank0(progress_line(cfg, step, metrics))
+    return StepRecord(step=step, metrics=metrics)
+
+
+def progress_line(cfg: Any, step: int, metrics: dict[str, float]) -> str:
+    """The one-line summary of a step printed on rank 0."""
+    phases = (f"rollout {metrics['time/rollout']:.1f}s")
+    if "time/reshard" in metrics:
+        phases = (f"reshard {metrics['time/reshard']:.2f}s "
+                  f"generate {metrics['time/generate']:.1f}s")
+    return (
         f"step {step}/{cfg.train.steps} | reward {metrics['reward_mean']:.3f} | "
         f"acc {metrics.get('reward/accuracy', float('nan')):.3f} | "
         f"format {metrics.get('reward/format', float('nan')):.3f} | "
@@ -198,6 +216,5 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
         f"entropy {metrics['entropy']:.3f} | clip {metrics['clip_frac']:.3f} | "
         f"grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
         f"tok/s {metrics['tokens_per_s']:,.0f} | "
-        f"rollout {t1 - t0:.1f}s reward {t2 - t1:.1f}s train {t3 - t2:.1f}s"
+        f"{phases} reward {metrics['time/reward']:.1f}s train {metrics['time/train']:.1f}s"
     )
-    return StepRecord(step=step, metrics=metrics)

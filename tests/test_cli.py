@@ -32,23 +32,30 @@ WANDB_METRICS = (
     "train/lr", "reward/mean", "reward/accuracy", "reward/format",
     "rollout/response_length", "rollout/response_length_hist", "rollout/samples",
     "perf/tokens_per_s", "perf/time_rollout_s", "perf/time_train_s", "memory/train_gib",
-    "memory/rollout_gib",
+    "memory/rollout_gib", "perf/time_reshard_s", "perf/time_generate_s",
+    "perf/reshard_remote_recv_bytes", "perf/reshard_minimum_recv_bytes",
+    "rollout/decode_tokens_per_s", "memory/generation/kv_cache_gib",
+    "memory/generation/grad_buffers_gib", "memory/train/generation_weights_gib",
 )
 
 
-def offline_run_keys(wandb_dir: Path) -> set[str]:
-    """Metric names logged to an offline W&B run, read back with `wandb leet inspect`."""
+def offline_run_history(wandb_dir: Path) -> list[dict]:
+    """The history rows of an offline W&B run, read back with `wandb leet inspect`."""
     runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
     assert runs, f"no offline W&B run under {wandb_dir}"
     cli = Path(sys.executable).parent / "wandb"
     out = subprocess.run([str(cli), "leet", "inspect", "--json", str(runs[-1])],
                          capture_output=True, text=True, timeout=120, check=True)
+    return [record["history"]["item"] for record in map(json.loads, out.stdout.splitlines())
+            if record.get("type") == "history"]
+
+
+def offline_run_keys(wandb_dir: Path) -> set[str]:
+    """Metric names logged to an offline W&B run."""
     keys: set[str] = set()
-    for line in out.stdout.splitlines():
-        record = json.loads(line)
-        if record.get("type") == "history":
-            # Media are flattened ("rollout/samples._type", ...); metric names have no dot.
-            keys.update(key.split(".")[0] for key in record["history"]["item"])
+    for item in offline_run_history(wandb_dir):
+        # Media are flattened ("rollout/samples._type", ...); metric names have no dot.
+        keys.update(key.split(".")[0] for key in item)
     return keys
 
 
@@ -75,6 +82,16 @@ def test_tiny_cpu_run_prints_step_lines_logs_wandb_and_evaluates(tmp_path: Path)
 
     missing = set(WANDB_METRICS) - offline_run_keys(tmp_path)
     assert not missing, missing
+    # Memory handover: gradients released while generating, generation weights while
+    # training; the KV cache exists only during generation.
+    for row in offline_run_history(tmp_path):
+        values = {k: float(v) for k, v in row.items() if k.startswith("memory/")}
+        assert values["memory/generation/grad_buffers_gib"] == 0.0
+        assert values["memory/train/grad_buffers_gib"] > 0.0
+        assert values["memory/train/generation_weights_gib"] == 0.0
+        assert values["memory/generation/generation_weights_gib"] > 0.0
+        assert values["memory/generation/kv_cache_gib"] > 0.0
+        assert values["memory/train/kv_cache_gib"] == 0.0
 
     result_file = tmp_path / "eval.json"
     ev = r1mega("eval", str(tmp_path / "ck"), "--limit", "4", "--k", "2",
@@ -85,6 +102,16 @@ def test_tiny_cpu_run_prints_step_lines_logs_wandb_and_evaluates(tmp_path: Path)
     assert result["problems"] == 4 and result["k"] == 2
     assert 0.0 <= result["pass_at_1"] <= 1.0 and 0.0 <= result["greedy_accuracy"] <= 1.0
     assert 1 <= result["mean_response_length"] <= 4
+
+    completions = tmp_path / "completions.jsonl"
+    gen = r1mega("generate", str(tmp_path / "ck"), "--prompt", "What is 1 + 2?", "--prompt",
+                 "What is 3 * 4?", "--n", "2", "--max-new-tokens", "5", "--output",
+                 str(completions))
+    assert gen.returncode == 0, gen.stderr[-4000:]
+    records = [json.loads(line) for line in completions.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["What is 1 + 2?"] * 2 + ["What is 3 * 4?"] * 2
+    assert all(1 <= r["tokens"] <= 5 for r in records)
+    assert gen.stdout.count("--- [") == 4
 
 
 def _refused(out: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -115,9 +142,11 @@ def test_unknown_key_suggests_the_right_one() -> None:
              "grpo.klcoef", "kl_coef")
 
 
-def test_later_stages_say_not_implemented() -> None:
-    out = r1mega("generate")
-    assert out.returncode == 2 and "not implemented yet" in out.stdout
+def test_generate_needs_prompts_and_a_checkpoint(tmp_path: Path) -> None:
+    out = r1mega("generate", str(tmp_path))
+    assert out.returncode == 2 and "--prompt" in out.stderr
+    out = r1mega("generate", str(tmp_path), "--prompt", "hi")
+    assert out.returncode == 2 and "holds no r1mega checkpoint" in out.stderr
 
 
 def test_bad_reward_parameter_is_refused_before_launch() -> None:

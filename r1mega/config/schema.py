@@ -142,7 +142,7 @@ class GRPOConfig:
 
 @dataclass
 class RolloutConfig:
-    """Sampling from the policy."""
+    """Sampling from the policy, and the engine that does it."""
 
     prompts_per_step: int = 1
     max_new_tokens: int = 256
@@ -150,7 +150,18 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    max_batch_tokens: int | None = None
+    # colocated: the rollout engine on the generation layout (KV cache, continuous
+    # batching, weights resharded each step); simple: the training-layout sampler
+    # without KV cache (a reference, quadratic in length).
+    engine: str = "colocated"  # colocated | simple
+    max_batch_size: int = 64  # decode slots per generation data-parallel replica
+    prefill_rows: int | None = None  # prompts prefilled per round once decoding runs
+    # KV cache length = longest prompt + factor * max_new_tokens (>= 1); more room means
+    # fewer compactions when finished rows are refilled.
+    kv_cache_length_factor: float = 2.0
+    refit_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    offload_training_state: bool = True  # gradients and optimizer state off the GPU
+    release_generation_weights: bool = True  # generation weights freed while training
 
 
 @dataclass

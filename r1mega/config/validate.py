@@ -40,6 +40,8 @@ WANDB_MODES = ("online", "offline", "disabled")
 TOKENIZER_TYPES = ("hf", "sentencepiece", "bytes")
 TEMPLATES = ("r1_zero", "chat", "none")
 LAYOUT_NAMES = ("train_layout", "generation_layout")
+ROLLOUT_ENGINES = ("colocated", "simple")
+REFIT_BACKENDS = ("auto", "nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -393,6 +395,7 @@ def _check_misc(errors: list[str], cfg: Any) -> None:
     _at_least(errors, "rollout.top_k", rollout.top_k, 0)
     if not 0.0 < rollout.top_p <= 1.0:
         errors.append(f"rollout.top_p={rollout.top_p} must be in (0, 1]")
+    _check_rollout_engine(errors, cfg)
     _one_of(errors, "logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _at_least(errors, "logging.log_interval", cfg.logging.log_interval, 1)
     _one_of(errors, "tokenizer.type", cfg.tokenizer.type, TOKENIZER_TYPES)
@@ -401,6 +404,27 @@ def _check_misc(errors: list[str], cfg: Any) -> None:
     _at_least(errors, "slurm.nodes", cfg.slurm.nodes, 1)
     _at_least(errors, "slurm.gpus_per_node", cfg.slurm.gpus_per_node, 1)
     _at_least(errors, "launch.nproc_per_node", cfg.launch.nproc_per_node, 1)
+
+
+def _check_rollout_engine(errors: list[str], cfg: Any) -> None:
+    rollout, layout = cfg.rollout, cfg.generation_layout
+    _one_of(errors, "rollout.engine", rollout.engine, ROLLOUT_ENGINES)
+    _one_of(errors, "rollout.refit_backend", rollout.refit_backend, REFIT_BACKENDS)
+    _at_least(errors, "rollout.max_batch_size", rollout.max_batch_size, 1)
+    if rollout.prefill_rows is not None:
+        _at_least(errors, "rollout.prefill_rows", rollout.prefill_rows, 1)
+    _at_least(errors, "rollout.kv_cache_length_factor", rollout.kv_cache_length_factor, 1.0)
+    if rollout.engine != "colocated":
+        return
+    why = "the rollout engine decodes without"
+    if layout.pp != 1:
+        errors.append(f"generation_layout.pp={layout.pp} must be 1 ({why} pipeline "
+                      "parallelism; give generation more tp or ep instead)")
+    if layout.cp != 1:
+        errors.append(f"generation_layout.cp={layout.cp} must be 1 ({why} context parallelism)")
+    if layout.sequence_parallel:
+        errors.append("generation_layout.sequence_parallel=true is not supported "
+                      f"({why} sequence parallelism: a decode step has one token per row)")
 
 
 def validate_config(cfg: Any, world_size: int | None = None) -> None:

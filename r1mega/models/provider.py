@@ -174,13 +174,46 @@ def build_model(model_cfg: Any, layout: Any, precision: Any | None = None,
     ``parallel_state`` must already be initialised for ``layout``.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     config = build_transformer_config(model_cfg, layout, precision, recompute)
-    use_te = use_transformer_engine(model_cfg.transformer_impl)
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    block_spec = decoder_block_spec(config, use_te, pp_rank=pp_rank)
     pre_process, post_process = model_stage_flags()
+    return _gpt_model(model_cfg, config, parallel_state.get_pipeline_model_parallel_rank(),
+                      pre_process, post_process, with_mtp=True)
+
+
+def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
+                           precision: Any | None = None) -> torch.nn.Module:
+    """The policy in a generation layout, on process groups of its own.
+
+    Same architecture and provider as :func:`build_model`, but in ``layout`` over
+    ``pg_collection`` (see :func:`parallel.process_groups.process_groups_for_layout`)
+    while ``parallel_state`` keeps the training layout. Weights are left uninitialised
+    (resharding overwrites every one of them) and the multi-token-prediction head is not
+    built: decoding uses only the main head.
+    """
+    if layout.pp != 1 or layout.cp != 1:
+        raise ValueError(
+            f"generation_layout.pp={layout.pp}, cp={layout.cp}: the rollout engine decodes "
+            "without pipeline or context parallelism (use tp/ep for large models)"
+        )
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.merge(model_cfg, {"mtp_num_layers": 0})
+    config = build_transformer_config(model_cfg, layout, precision)
+    config.perform_initialization = False
+    model = _gpt_model(model_cfg, config, 0, True, True, with_mtp=False,
+                       pg_collection=pg_collection)
+    model.eval()
+    return model
+
+
+def _gpt_model(model_cfg: Any, config: Any, pp_rank: int, pre_process: bool,
+               post_process: bool, with_mtp: bool, pg_collection: Any = None
+               ) -> torch.nn.Module:
+    from megatron.core.models.gpt import GPTModel
+
+    use_te = use_transformer_engine(model_cfg.transformer_impl)
+    block_spec = decoder_block_spec(config, use_te, pp_rank=pp_rank)
     mla = model_cfg.arch == "deepseek_v3"
     model = GPTModel(
         config=config,
@@ -194,7 +227,9 @@ def build_model(model_cfg: Any, layout: Any, precision: Any | None = None,
         # MLA applies its own (YaRN) rotary embedding inside attention.
         position_embedding_type="none" if mla else "rope",
         rotary_base=int(model_cfg.rope_theta),
-        mtp_block_spec=mtp_block_spec(config, block_spec, use_te, pp_rank=pp_rank),
+        mtp_block_spec=(mtp_block_spec(config, block_spec, use_te, pp_rank=pp_rank)
+                        if with_mtp else None),
+        pg_collection=pg_collection,
     )
     if gpu_available():
         model.cuda(torch.cuda.current_device())

@@ -34,10 +34,13 @@ METRIC_NAMES: dict[str, str] = {
     "time/reward": "perf/time_reward_s",
     "time/train": "perf/time_train_s",
     "time/step": "perf/time_step_s",
+    "time/reshard": "perf/time_reshard_s",
+    "time/generate": "perf/time_generate_s",
 }
 
-#: Prefixes already namespaced by the producer (per-reward scores, memory per phase).
-PASSTHROUGH_PREFIXES = ("reward/", "memory/", "eval/")
+#: Prefixes already namespaced by the producer (per-reward scores, memory per phase, the
+#: rollout engine's counters, resharding traffic).
+PASSTHROUGH_PREFIXES = ("reward/", "memory/", "eval/", "rollout/", "perf/")
 
 
 def namespaced(metrics: dict[str, float]) -> dict[str, float]:

@@ -13,33 +13,15 @@ sampled with a per-request generator, and broadcast to the other stages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from r1mega.rollout.sampling import sample_tokens
+from r1mega.rollout.types import Sample, SamplingParams
 from r1mega.training.policy import Policy
 from r1mega.training.schedule import forward_backward
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eos_id: int | None = None
-    pad_id: int = 0
-
-
-@dataclass
-class Sample:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]  # of each response token, under the sampling temperature
-    finished: bool  # stopped by EOS or a stop sequence (False: ran out of max_new_tokens)
 
 
 def _next_token_logits(lengths: torch.Tensor, batch: dict[str, torch.Tensor],
@@ -84,6 +66,7 @@ def generate(policy: Policy, prompts: list[list[int]], params: SamplingParams,
     responses: list[list[int]] = [[] for _ in range(b)]
     logprobs: list[list[float]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool)
+    stop_reasons = ["length"] * b
     pp_group = ps.get_pipeline_model_parallel_group()
     last_stage = dist.get_global_rank(pp_group, ps.get_pipeline_model_parallel_world_size() - 1)
     for _ in range(params.max_new_tokens):
@@ -114,8 +97,10 @@ def generate(policy: Policy, prompts: list[list[int]], params: SamplingParams,
             logprobs[i].append(float(new_logp[i]))
             tokens[i, lengths[i]] = token
             lengths[i] += 1
-            if token == params.eos_id or _ends_with_any(responses[i], stop_sequences or []):
-                done[i] = True
+            if token == params.eos_id:
+                done[i], stop_reasons[i] = True, "eos"
+            elif _ends_with_any(responses[i], stop_sequences or []):
+                done[i], stop_reasons[i] = True, "stop"
         remaining = torch.tensor([int((~done).sum())])
         dist.all_reduce(remaining)
         if remaining.item() == 0:
@@ -123,4 +108,5 @@ def generate(policy: Policy, prompts: list[list[int]], params: SamplingParams,
     for chunk in policy.unwrapped():
         chunk.train()
     return [Sample(prompt_ids=list(prompts[i]), response_ids=responses[i],
-                   logprobs=logprobs[i], finished=bool(done[i])) for i in range(b)]
+                   logprobs=logprobs[i], finished=bool(done[i]),
+                   stop_reason=stop_reasons[i]) for i in range(b)]

@@ -1,0 +1,53 @@
+"""`r1mega generate CHECKPOINT`: sample completions of prompts with the rollout engine.
+
+The same path RL rollouts take: the checkpoint loads in the training layout, the weights
+are resharded into the generation layout and the engine decodes (KV cache, continuous
+batching). Useful to look at what a policy writes, and as a smoke test of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from parallel.layout import Layout, init_distributed, initialize_layout
+from parallel.platform import manual_seed
+from r1mega.checkpointing.model_io import load_model
+from r1mega.data.templates import apply_template
+from r1mega.data.tokenizers import build_tokenizer
+from r1mega.rollout.colocated import generation_layout_for
+from r1mega.rollout.driver import build_sampler, request_seed
+from r1mega.rollout.types import SamplingParams
+from r1mega.training.policy import build_policy
+
+
+def run_generate(cfg: Any, checkpoint: str, prompts: list[str], n: int, params: SamplingParams,
+                 template: str, seed: int, output: str | None) -> list[dict[str, Any]]:
+    """``n`` completions per prompt; rank 0 prints them (and writes JSONL to ``output``)."""
+    env = init_distributed(default_port=cfg.launch.master_port)
+    initialize_layout(Layout.from_config(cfg.train_layout, env.world_size, name="train_layout"))
+    manual_seed(seed)
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
+    load_model(policy.chunks, checkpoint)
+    sampler = build_sampler(generation_layout_for(cfg, env.world_size), policy, None, tokenizer)
+    rows = [p for p in prompts for _ in range(n)]
+    ids = [tokenizer.encode(apply_template(template, p, tokenizer)) for p in rows]
+    params = SamplingParams(**{**params.__dict__, "eos_id": tokenizer.eos_id,
+                               "pad_id": tokenizer.pad_id})
+    samples = sampler.generate(ids, params, [request_seed(seed, 0, i) for i in range(len(rows))],
+                               list(cfg.rollout.stop), tokenizer.decode)
+    records = [{"prompt": p, "completion": tokenizer.decode(s.response_ids),
+                "tokens": len(s.response_ids), "stop_reason": s.stop_reason}
+               for p, s in zip(rows, samples, strict=True)]
+    if env.rank == 0:
+        for i, record in enumerate(records):
+            print(f"--- [{i // n}.{i % n}] {record['tokens']} tokens, "
+                  f"{record['stop_reason']}\n{record['completion']}", flush=True)
+        if output:
+            Path(output).write_text("".join(json.dumps(r) + "\n" for r in records))
+    dist.barrier()
+    return records
