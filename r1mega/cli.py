@@ -16,6 +16,20 @@ from r1mega.config import ConfigError, load_config
 from r1mega.convert.cli import add_convert_parser, run_convert
 from r1mega.planner.report import add_plan_arguments, run_plan
 
+#: Multi-process jobs run from a config: command -> help; every rank calls the entry point.
+JOBS_HELP = {
+    "train": "GRPO reinforcement learning (R1-Zero; stage-2 RL with a stage-2 config)",
+    "sft": "supervised fine-tuning (cold start, the large SFT stage)",
+    "sample": "rejection sampling: k samples per prompt, keep the accepted, write SFT data",
+    "distill": "distillation: SFT of a (smaller) student on a teacher's sampled data",
+}
+JOB_ENTRIES = {
+    "train": ("r1mega.trainer", "run_training"),
+    "sft": ("r1mega.sft.trainer", "run_sft"),
+    "sample": ("r1mega.rejection.sampler", "run_sampling"),
+    "distill": ("r1mega.sft.trainer", "run_distill"),
+}
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (e.g. configs/tiny_cpu.yaml)")
@@ -29,10 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="GRPO (DeepSeek-R1-Zero style) reinforcement learning on Megatron-Core.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = sub.add_parser("train", help="run a training job from a config")
-    _add_config_args(train)
-    train.add_argument("--nproc", type=int, default=None,
-                       help="local processes to start (default: launch.nproc_per_node)")
+    for name, text in JOBS_HELP.items():
+        job = sub.add_parser(name, help=text)
+        _add_config_args(job)
+        job.add_argument("--nproc", type=int, default=None,
+                         help="local processes to start (default: launch.nproc_per_node)")
     plan = sub.add_parser("plan", help="per-GPU memory and step time of a config's layouts")
     _add_config_args(plan)
     add_plan_arguments(plan)
@@ -79,7 +94,7 @@ def _check_rewards(cfg: object) -> None:
     RewardFunction.from_config(cfg.rewards).close()
 
 
-def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from r1mega.launch import relaunch_local, under_launcher
 
     nproc = args.nproc
@@ -88,15 +103,17 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
         probe = load_config(args.config, args.overrides)
         nproc = nproc or probe.launch.nproc_per_node
         load_config(args.config, args.overrides, world_size=nproc)
-        _check_rewards(probe)
+        if args.command in ("train", "sample"):  # the jobs that score responses
+            _check_rewards(probe)
         if nproc > 1:
             child_argv = [a for a in argv if not a.startswith("--nproc")]
             return relaunch_local(nproc, child_argv, port=None)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", nproc or 1)))
     cfg = load_config(args.config, args.overrides, world_size=world_size)
-    from r1mega.trainer import run_training
+    import importlib
 
-    run_training(cfg)
+    module, function = JOB_ENTRIES[args.command]
+    getattr(importlib.import_module(module), function)(cfg)
     return 0
 
 
@@ -203,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args, argv)
+        if args.command in JOB_ENTRIES:
+            return _run_job(args, argv)
         if args.command == "convert":
             return run_convert(args)
         if args.command == "eval":

@@ -80,7 +80,7 @@ def _evaluate_rows(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[Pr
         samples, rows = sample_groups(sampler, tokenizer, chunk, group, params,
                                       cfg.data.template, list(cfg.rollout.stop),
                                       cfg.train.seed, start)
-        _, per_reward = score(reward_fn, tokenizer, samples, rows)
+        _, per_reward, _ = score(reward_fn, tokenizer, samples, rows)
         keep = real * group
         correct.extend(per_reward.get("accuracy", [0.0] * len(samples))[:keep])
         lengths.extend(len(s.response_ids) for s in samples[:keep])

@@ -184,3 +184,29 @@ def _global_rank() -> int:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def finish_step(step: int, last_step: int, checkpoint_cfg: Any,
+                checkpoint: Callable[[int], None], preemption: PreemptionHandler,
+                monitor: Any, before_preemption_check: Callable[[int], None] | None = None
+                ) -> None:
+    """What every training loop does after a step: checkpoint when due (the last step and
+    every ``checkpoint.save_interval`` steps), then, on a preemption signal (Slurm's
+    ``--signal``, ``scancel --signal=USR1``), checkpoint if not just done and exit with the
+    code the launcher turns into a requeue."""
+    interval = checkpoint_cfg.save_interval
+    saved = bool(checkpoint_cfg.save_dir) and (
+        step == last_step or bool(interval and step % interval == 0))
+    if saved:
+        checkpoint(step)
+    if before_preemption_check is not None:
+        before_preemption_check(step)
+    if step < last_step and preemption.should_stop():
+        from r1mega.logging_utils import print_rank0
+
+        print_rank0(f"[r1mega] preemption signal: checkpointing after step {step} "
+                    "and exiting for requeue")
+        if checkpoint_cfg.save_dir and not saved:
+            checkpoint(step)
+        monitor.finish()
+        preemption.exit_for_requeue(checkpointed=bool(checkpoint_cfg.save_dir))

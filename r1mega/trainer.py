@@ -23,19 +23,20 @@ import torch.distributed as dist
 
 from parallel.layout import Layout, init_distributed, initialize_layout
 from parallel.platform import manual_seed
-from r1mega.checkpointing.model_io import load_model
+from r1mega.checkpointing.model_io import load_model, resolve_weights
 from r1mega.checkpointing.train_state import (
     find_latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from r1mega.data.prompts import PromptExample, PromptSampler, load_prompt_dataset
+from r1mega.data.sources import MixedPromptSampler, Source
 from r1mega.data.tasks import builtin_dataset, is_builtin
 from r1mega.data.tokenizers import build_tokenizer
 from r1mega.logging_utils import print_rank0
 from r1mega.monitoring.memory import phase_peak_gib, start_phase
 from r1mega.monitoring.wandb_logger import WandbMonitor
-from r1mega.preemption import PreemptionHandler
+from r1mega.preemption import PreemptionHandler, finish_step
 from r1mega.rollout.batch import build_rollout_batch
 from r1mega.rollout.driver import Sampler, build_sampler, sample_groups, score
 from r1mega.rollout.types import SamplingParams
@@ -56,6 +57,40 @@ def _dataset(cfg: Any, split: str) -> list[PromptExample]:
     if is_builtin(path):
         return builtin_dataset(path, split, cfg.train.seed)
     return list(load_prompt_dataset(cfg.data, split))
+
+
+def _prompt_sampler(cfg: Any) -> PromptSampler | MixedPromptSampler:
+    """Each step's training prompts: one dataset, or a weighted mix of sources."""
+    if not cfg.data.sources:
+        return PromptSampler(_dataset(cfg, "train"), batch_size=cfg.rollout.prompts_per_step,
+                             seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    sources = [Source(name=s.name, examples=_source_examples(cfg, s), weight=s.weight,
+                      reward=s.reward) for s in cfg.data.sources]
+    return MixedPromptSampler(sources, cfg.rollout.prompts_per_step, seed=cfg.train.seed,
+                              shuffle=cfg.data.shuffle)
+
+
+def _source_examples(cfg: Any, source: Any) -> list[PromptExample]:
+    if is_builtin(source.path):
+        return builtin_dataset(source.path, "train", cfg.train.seed)
+    from r1mega.data.prompts import PromptDataset
+
+    rules = source.reward == "rules"
+    return list(PromptDataset(
+        source.path, prompt_field=source.prompt_field or cfg.data.prompt_field,
+        answer_field=(source.answer_field or cfg.data.answer_field) if rules else None,
+        require_answer=rules))
+
+
+def _build_reward_model(cfg: Any, tokenizer: Any) -> Any:
+    """The reward model, when a data source is scored by one (collective)."""
+    if not any(s.reward == "reward_model" for s in cfg.data.sources):
+        return None
+    from r1mega.rewards.reward_model import RewardModelScorer
+
+    return RewardModelScorer(cfg.rewards.reward_model, tokenizer, cfg.data.template,
+                             cfg.train_layout, cfg.precision,
+                             micro_batch_size=cfg.train.micro_batch_size)
 
 
 def _build_reward_fn(cfg: Any) -> Any:
@@ -82,13 +117,13 @@ def run_training(cfg: Any) -> list[StepRecord]:
                          f"model.vocab_size={cfg.model.vocab_size}")
     policy = build_policy(cfg.model, cfg.train_layout, cfg.precision, cfg.train.recompute,
                           use_distributed_optimizer=cfg.train.use_distributed_optimizer)
-    if cfg.checkpoint.load:
-        load_model(policy.chunks, cfg.checkpoint.load)
+    weights = initial_weights(cfg)
+    if weights:
+        load_model(policy.chunks, weights)
     reference = ReferencePolicy(policy)  # the initial weights, before any resume
     optimizer = build_optimizer(policy, cfg.train, cfg.precision)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
-    sampler = PromptSampler(_dataset(cfg, "train"), batch_size=cfg.rollout.prompts_per_step,
-                            seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    sampler = _prompt_sampler(cfg)
     start_step = 1
     latest = find_latest_checkpoint(cfg.checkpoint.save_dir)
     if latest is not None:
@@ -100,6 +135,7 @@ def run_training(cfg: Any) -> list[StepRecord]:
     if hasattr(rollout, "describe"):
         print_rank0(f"[r1mega] rollout engine: {rollout.describe()}")
     reward_fn = _build_reward_fn(cfg)
+    reward_model = _build_reward_model(cfg, tokenizer)
     monitor = WandbMonitor(cfg, run_dir=_run_dir(cfg))
     history: list[StepRecord] = []
 
@@ -112,28 +148,34 @@ def run_training(cfg: Any) -> list[StepRecord]:
         for step in range(start_step, cfg.train.steps + 1):
             history.append(_train_one_step(cfg, step, layout, policy, reference, optimizer,
                                            scheduler, sampler, rollout, tokenizer, reward_fn,
-                                           monitor))
-            interval = cfg.checkpoint.save_interval
-            saved = bool(cfg.checkpoint.save_dir) and (
-                step == cfg.train.steps or bool(interval and step % interval == 0))
-            if saved:
-                checkpoint(step)
-            _maybe_inject_fault(step)
-            # Slurm's --signal / scancel --signal=USR1 / preemption: finish the step, save,
-            # exit with the code the launcher turns into a requeue.
-            if step < cfg.train.steps and preemption.should_stop():
-                print_rank0(f"[r1mega] preemption signal: checkpointing after step {step} "
-                            "and exiting for requeue")
-                if cfg.checkpoint.save_dir and not saved:
-                    checkpoint(step)
-                monitor.finish()
-                preemption.exit_for_requeue(checkpointed=bool(cfg.checkpoint.save_dir))
+                                           reward_model, monitor))
+            finish_step(step, cfg.train.steps, cfg.checkpoint, checkpoint, preemption,
+                        monitor, before_preemption_check=_maybe_inject_fault)
     finally:
         if reward_fn is not None:
             reward_fn.close()
         monitor.finish()
     dist.barrier()
     return history
+
+
+WARM_START = "warm_start:"
+
+
+def initial_weights(cfg: Any) -> str | None:
+    """Where the policy's starting weights come from (``checkpoint.load``): a checkpoint
+    directory or a run's ``save_dir`` (:func:`resolve_weights`), or ``warm_start:DIR``,
+    the tiny base model that :mod:`r1mega.pretrain` trains for the built-in task and
+    caches in DIR (trained on first use, about three CPU minutes; collective)."""
+    load = cfg.checkpoint.load
+    if not load:
+        return None
+    if load.startswith(WARM_START):
+        from r1mega.pretrain import ensure_base_model
+
+        print_rank0(f"[r1mega] base model: {load} (pretrained on first use, then cached)")
+        return ensure_base_model(cfg, load[len(WARM_START):])
+    return resolve_weights(load)
 
 
 def _run_dir(cfg: Any) -> str | None:
@@ -153,8 +195,9 @@ def _maybe_inject_fault(step: int) -> None:
 
 
 def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference: Any,
-                    optimizer: Any, scheduler: Any, sampler: PromptSampler, rollout: Sampler,
-                    tokenizer: Any, reward_fn: Any, monitor: WandbMonitor) -> StepRecord:
+                    optimizer: Any, scheduler: Any, sampler: Any, rollout: Sampler,
+                    tokenizer: Any, reward_fn: Any, reward_model: Any,
+                    monitor: WandbMonitor) -> StepRecord:
     t0 = time.perf_counter()
     start_phase()
     examples = sampler.next_batch()
@@ -167,8 +210,9 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
                                   step)
     rollout_gib = phase_peak_gib()
     t1 = time.perf_counter()
-    rewards, per_reward = score(reward_fn, tokenizer, samples, rows)
-    reward_stats = {f"reward/{k}": sum(v) / len(v) for k, v in per_reward.items()}
+    rewards, per_reward, per_source = score(reward_fn, tokenizer, samples, rows, reward_model)
+    reward_stats = {f"reward/{k}": sum(v) / len(v) for k, v in per_reward.items() if v}
+    reward_stats.update({f"reward/{name}/mean": v for name, v in per_source.items()})
     t2 = time.perf_counter()
     start_phase()
     batch, truncated = build_rollout_batch(samples, rewards.tolist(), cfg.train.seq_length,
@@ -208,8 +252,10 @@ def progress_line(cfg: Any, step: int, metrics: dict[str, float]) -> str:
     if "time/reshard" in metrics:
         phases = (f"reshard {metrics['time/reshard']:.2f}s "
                   f"generate {metrics['time/generate']:.1f}s")
+    sources = "".join(f"{key.split('/')[1]} {value:.3f} | " for key, value in metrics.items()
+                      if key.startswith("reward/") and key.endswith("/mean"))
     return (
-        f"step {step}/{cfg.train.steps} | reward {metrics['reward_mean']:.3f} | "
+        f"step {step}/{cfg.train.steps} | reward {metrics['reward_mean']:.3f} | {sources}"
         f"acc {metrics.get('reward/accuracy', float('nan')):.3f} | "
         f"format {metrics.get('reward/format', float('nan')):.3f} | "
         f"len {metrics['response_length']:.1f} | kl {metrics['kl_ref']:.4f} | "

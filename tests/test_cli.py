@@ -63,7 +63,10 @@ def test_tiny_cpu_run_prints_step_lines_logs_wandb_and_evaluates(tmp_path: Path)
     """The README's run command: 2 processes, PP=2 tiny DeepSeek-V3, GRPO steps complete
     with rollouts, rewards and updates, one progress line per step; the same metrics in
     an offline W&B run; then `r1mega eval` on the checkpoint it wrote."""
-    out = r1mega("train", "configs/tiny_cpu.yaml", "train.steps=2", "rollout.max_new_tokens=8",
+    # checkpoint.load=null: random weights (the warm-started base model is
+    # tests/test_rl_learns.py's subject); the pipeline is the same.
+    out = r1mega("train", "configs/tiny_cpu.yaml", "checkpoint.load=null", "train.steps=2",
+                 "rollout.max_new_tokens=8",
                  f"checkpoint.save_dir={tmp_path / 'ck'}", f"logging.wandb_dir={tmp_path}",
                  "logging.sample_table_interval=1")
     assert out.returncode == 0, out.stderr[-5000:]

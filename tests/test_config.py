@@ -47,7 +47,7 @@ def test_tiny_cpu_loads() -> None:
     assert cfg.precision.params_dtype == "float32"
     assert (cfg.train_layout.pp, cfg.generation_layout.tp, cfg.generation_layout.ep) == (2, 2, 2)
     assert cfg.launch.nproc_per_node == 2
-    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.lr == pytest.approx(2e-4)
     assert [(r.name, r.weight) for r in cfg.rewards.specs] == [("accuracy", 1.0), ("format", 0.5)]
     assert cfg.checkpoint.save_dir == "runs/tiny_cpu/checkpoints"
     assert data_parallel_size(cfg.train_layout, 2) == 1
@@ -233,7 +233,7 @@ def test_missing_required_values(tmp_path: Path) -> None:
 
 
 def test_interpolation_errors_name_key() -> None:
-    assert load_config(TINY, ["train.min_lr=${train.lr}"]).train.min_lr == pytest.approx(1e-4)
+    assert load_config(TINY, ["train.min_lr=${train.lr}"]).train.min_lr == pytest.approx(2e-4)
     msg = error_of("train.lr=${train.nope}")
     assert "train.lr" in msg and "train.nope" in msg
 

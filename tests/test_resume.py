@@ -15,6 +15,8 @@ from tests.distributed import ROOT, run_torchrun
 # Random-init policies score 0 on accuracy/format; the language reward (fraction of
 # English words in the sampled bytes) varies per sample, so every step moves the weights.
 OVERRIDES = [
+    # From random weights: resuming must be exact whatever the start.
+    "checkpoint.load=null",
     "train.steps=3", "checkpoint.save_interval=1", "rollout.max_new_tokens=8",
     "rewards.specs=[{name: language, weight: 1.0, params: {target: en, "
     "prompt_ends_with_think: true}}]",
@@ -94,7 +96,8 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path: Path) -> None:
     for var in ("RANK", "WORLD_SIZE"):
         env.pop(var, None)
     args = [sys.executable, "-m", "r1mega.cli", "train", "configs/tiny_cpu.yaml",
-            "train.steps=50", "rollout.max_new_tokens=8", "logging.wandb_mode=disabled",
+            "checkpoint.load=null", "train.steps=50", "rollout.max_new_tokens=8",
+            "logging.wandb_mode=disabled",
             f"checkpoint.save_dir={save_dir}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,

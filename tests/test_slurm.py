@@ -31,7 +31,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "slurm_cluster.sh"
 RECIPE = "slurm/r1_zero_tiny.sh"
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
-FAST = ["rollout.max_new_tokens=8"]
+FAST = ["rollout.max_new_tokens=8", "checkpoint.load=null"]  # random weights: fast
 
 
 def _ensure_slurm() -> None:

@@ -38,6 +38,22 @@ def save_model(chunks: Iterable[torch.nn.Module], directory: str) -> None:
     dist_checkpointing.save(model_sharded_state_dict(chunks), directory)
 
 
+def resolve_weights(path: str) -> str:
+    """The checkpoint directory ``path`` names: itself when it holds a checkpoint (converted
+    weights, or one step of a training run), else the newest complete step of the run
+    whose ``checkpoint.save_dir`` it is. Lets one stage's ``save_dir`` be the next stage's
+    ``checkpoint.load``."""
+    from r1mega.checkpointing.train_state import find_latest_checkpoint
+
+    if os.path.exists(os.path.join(path, "metadata.json")):
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (no metadata.json, and no "
+                                "complete step_* directory of a training run)")
+    return str(latest)
+
+
 def load_model(chunks: Iterable[torch.nn.Module], directory: str, strict: bool = True) -> None:
     """Load weights saved at any layout into this rank's chunks (collective), from a
     weights-only checkpoint or a full training checkpoint."""

@@ -69,6 +69,9 @@ class ModelConfig:
     mtp_loss_scaling_factor: float = 0.1
     # Which megatron-core layer implementation: auto picks TE when it imports.
     transformer_impl: str = "auto"  # auto | transformer_engine | local
+    # lm: the policy (next-token head); scalar: a reward model (one score per sequence,
+    # HF *ForSequenceClassification with one label; see r1mega.models.reward_model).
+    head: str = "lm"
 
 
 @dataclass
@@ -88,11 +91,22 @@ class LayoutConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats. fp8 needs Transformer Engine and an FP8-capable GPU."""
+    """Numeric formats (see r1mega.models.precision). fp8 needs Transformer Engine and an
+    FP8-capable GPU (r1mega.models.fp8_support says which recipe needs what)."""
 
-    params_dtype: str = "bfloat16"  # float32 | bfloat16
-    fp8: str | None = None  # None | hybrid | e4m3
-    fp8_recipe: str = "blockwise"  # delayed | tensorwise | blockwise
+    params_dtype: str = "bfloat16"  # model weights/activations: float32 | bfloat16
+    # FP8 GEMMs in training: None | hybrid (E4M3 forward, E5M2 gradients) | e4m3 (all E4M3)
+    fp8: str | None = None
+    # delayed | tensorwise (per-tensor current scaling) | blockwise (DeepSeek-V3's 1x128
+    # activation / 128x128 weight blocks) | mxfp8 (Blackwell)
+    fp8_recipe: str = "blockwise"
+    fp8_amax_history_len: int = 1024  # delayed scaling only
+    fp8_amax_compute_algo: str = "max"  # delayed scaling only: max | most_recent
+    # Optimizer tensors: float32 | bfloat16. Anything narrower than float32 uses
+    # megatron's precision-aware optimizer (TE FusedAdam, distributed optimizer).
+    main_params_dtype: str = "float32"  # master weights
+    exp_avg_dtype: str = "float32"  # Adam first moment (DeepSeek-V3: bfloat16)
+    exp_avg_sq_dtype: str = "float32"  # Adam second moment (DeepSeek-V3: bfloat16)
 
 
 @dataclass
@@ -165,6 +179,68 @@ class RolloutConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One prompt source of a mixed RL stage (DeepSeek-R1's second RL stage): reasoning
+    prompts scored by the rule rewards, general prompts scored by a reward model."""
+
+    name: str = MISSING  # used in metric names: reward/<name>/mean
+    path: str = MISSING  # JSONL/Parquet file or builtin:<task>
+    weight: float = 1.0  # share of each step's prompts
+    reward: str = "rules"  # rules | reward_model
+    prompt_field: str | None = None  # default: data.prompt_field
+    answer_field: str | None = None  # default: data.answer_field (unused for reward_model)
+
+
+@dataclass
+class ReadabilityConfig:
+    """What a readable reasoning response must satisfy (see r1mega.data.readability)."""
+
+    require_think: bool = True  # exactly one closed <think>...</think> block
+    require_summary: bool = True  # non-empty text after the reasoning
+    language: str | None = "en"  # en | zh | null (no language check)
+    min_language_fraction: float = 0.95  # of the response's words
+    max_response_tokens: int | None = None
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: cold start, the large SFT stage, distillation."""
+
+    train_path: str | None = None  # JSONL/Parquet rows with a prompt and a response
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    epochs: int = 1
+    pack_sequences: bool = True  # several rows per train.seq_length sequence
+    filter_readability: bool = False  # cold-start data: drop (and count) unreadable rows
+    readability: ReadabilityConfig = field(default_factory=ReadabilityConfig)
+
+
+@dataclass
+class SampleConfig:
+    """Rejection sampling: k responses per prompt, keep the accepted, readable, unique."""
+
+    prompts_path: str | None = None  # default: data.train_path
+    max_prompts: int | None = None  # per source (built-in tasks hold 4096 prompts)
+    output_dir: str | None = None  # dataset.jsonl, stats.json (resumable)
+    samples_per_prompt: int = 4
+    prompts_per_batch: int = 8
+    min_reward: float = 1.0  # rule-scored prompts: keep samples whose reward >= this
+    reward_model_threshold: float = 0.0  # general prompts: keep RM score >= this
+    max_kept_per_prompt: int | None = None
+    dedupe: bool = True
+    readability: ReadabilityConfig = field(default_factory=ReadabilityConfig)
+
+
+@dataclass
+class RewardModelConfig:
+    """A reward model: the policy's architecture family with a scalar head, loaded from a
+    converted checkpoint (its model config travels in the checkpoint directory)."""
+
+    load: str | None = None
+    scale: float = 1.0  # score multiplier before it enters the GRPO reward
+
+
+@dataclass
 class RewardSpec:
     """One reward plug-in and its weight in the sum."""
 
@@ -178,6 +254,7 @@ class RewardsConfig:
     specs: list[RewardSpec] = field(default_factory=list)
     timeout_s: float = 5.0
     workers: int = 2
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
 
 @dataclass
@@ -190,6 +267,8 @@ class DataConfig:
     answer_field: str = "answer"
     template: str = "r1_zero"  # r1_zero | chat | none
     shuffle: bool = True
+    # Mixed sources (stage-2 RL); when set, train_path is not used for training prompts.
+    sources: list[DataSourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -250,6 +329,8 @@ class R1MegaConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

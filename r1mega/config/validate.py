@@ -25,11 +25,14 @@ __all__ = [
 
 ARCHS = ("llama", "qwen2", "deepseek_v3")
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+MODEL_HEADS = ("lm", "scalar")
 ROPE_TYPES = ("rope", "yarn")
 ROUTER_SCORE_FUNCTIONS = ("sigmoid", "softmax")
 PARAMS_DTYPES = ("float32", "bfloat16")
 FP8_MODES = (None, "hybrid", "e4m3")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_AMAX_ALGOS = ("max", "most_recent")
+OPTIMIZER_DTYPES = ("float32", "bfloat16")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 RECOMPUTE_MODES = (None, "selective", "full")
 ADVANTAGES = ("grpo", "dr_grpo")
@@ -242,6 +245,10 @@ def _check_layout(errors: list[str], p: str, layout: Any, cfg: Any, world_size: 
 def _check_model(errors: list[str], model: Any) -> None:
     _one_of(errors, "model.arch", model.arch, ARCHS)
     _one_of(errors, "model.transformer_impl", model.transformer_impl, TRANSFORMER_IMPLS)
+    _one_of(errors, "model.head", model.head, MODEL_HEADS)
+    if model.head == "scalar" and model.arch == "deepseek_v3":
+        errors.append("model.head=scalar (a reward model) is supported for the dense "
+                      "architectures (llama, qwen2), not deepseek_v3")
     _one_of(errors, "model.rope_type", model.rope_type, ROPE_TYPES)
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
         _at_least(errors, f"model.{key}", getattr(model, key), 1)
@@ -327,11 +334,44 @@ def _check_model(errors: list[str], model: Any) -> None:
                 )
 
 
-def _check_training(errors: list[str], cfg: Any, train_dp: int | None) -> None:
-    precision, train = cfg.precision, cfg.train
+def _check_precision(errors: list[str], cfg: Any) -> None:
+    """Formats and their combinations; whether this machine can run FP8 is decided when
+    the model is built (r1mega.models.fp8_support), since configs are often checked on a
+    login node without GPUs."""
+    precision = cfg.precision
     _one_of(errors, "precision.params_dtype", precision.params_dtype, PARAMS_DTYPES)
     _one_of(errors, "precision.fp8", precision.fp8, FP8_MODES)
     _one_of(errors, "precision.fp8_recipe", precision.fp8_recipe, FP8_RECIPES)
+    _one_of(errors, "precision.fp8_amax_compute_algo", precision.fp8_amax_compute_algo,
+            FP8_AMAX_ALGOS)
+    _at_least(errors, "precision.fp8_amax_history_len", precision.fp8_amax_history_len, 1)
+    if precision.fp8 and cfg.model.transformer_impl == "local":
+        errors.append(
+            f"precision.fp8={precision.fp8} needs Transformer Engine layers but "
+            "model.transformer_impl=local builds megatron-core's local ones (use auto or "
+            "transformer_engine, or precision.fp8=null)"
+        )
+    narrow = []
+    for key in ("main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+        value = getattr(precision, key)
+        _one_of(errors, f"precision.{key}", value, OPTIMIZER_DTYPES)
+        if value != "float32":
+            narrow.append(f"precision.{key}={value}")
+    if narrow and not cfg.train.use_distributed_optimizer:
+        errors.append(
+            f"{', '.join(narrow)} needs train.use_distributed_optimizer=true (megatron-core's "
+            "precision-aware optimizer only runs inside the distributed optimizer)"
+        )
+    if precision.main_params_dtype == "bfloat16" and precision.params_dtype == "float32":
+        errors.append(
+            "precision.main_params_dtype=bfloat16 with precision.params_dtype=float32: the "
+            "optimizer's master weights cannot be narrower than the model's weights"
+        )
+
+
+def _check_training(errors: list[str], cfg: Any, train_dp: int | None) -> None:
+    train = cfg.train
+    _check_precision(errors, cfg)
 
     _one_of(errors, "train.lr_decay_style", train.lr_decay_style, LR_DECAY_STYLES)
     _one_of(errors, "train.recompute", train.recompute, RECOMPUTE_MODES)
@@ -396,6 +436,7 @@ def _check_misc(errors: list[str], cfg: Any) -> None:
     if not 0.0 < rollout.top_p <= 1.0:
         errors.append(f"rollout.top_p={rollout.top_p} must be in (0, 1]")
     _check_rollout_engine(errors, cfg)
+    _check_sources(errors, cfg)
     _one_of(errors, "logging.wandb_mode", cfg.logging.wandb_mode, WANDB_MODES)
     _at_least(errors, "logging.log_interval", cfg.logging.log_interval, 1)
     _one_of(errors, "tokenizer.type", cfg.tokenizer.type, TOKENIZER_TYPES)
@@ -404,6 +445,75 @@ def _check_misc(errors: list[str], cfg: Any) -> None:
     _at_least(errors, "slurm.nodes", cfg.slurm.nodes, 1)
     _at_least(errors, "slurm.gpus_per_node", cfg.slurm.gpus_per_node, 1)
     _at_least(errors, "launch.nproc_per_node", cfg.launch.nproc_per_node, 1)
+
+
+def _check_sources(errors: list[str], cfg: Any) -> None:
+    """Mixed prompt sources (stage-2 RL) and the reward model they may need."""
+    from r1mega.data.sources import REWARD_KINDS
+
+    names = [s.name for s in cfg.data.sources]
+    for i, source in enumerate(cfg.data.sources):
+        key = f"data.sources[{i}]"
+        _one_of(errors, f"{key}.reward", source.reward, REWARD_KINDS)
+        _at_least(errors, f"{key}.weight", source.weight, 0.0)
+        if names.count(source.name) > 1:
+            errors.append(f"{key}.name={source.name} is used by more than one source")
+    if cfg.data.sources and sum(max(s.weight, 0.0) for s in cfg.data.sources) <= 0:
+        errors.append("data.sources: the weights sum to 0 (no prompts would be drawn)")
+    needs_model = any(s.reward == "reward_model" for s in cfg.data.sources)
+    if needs_model and not cfg.rewards.reward_model.load:
+        errors.append("data.sources has a reward_model source but rewards.reward_model.load "
+                      "is not set (a converted reward model checkpoint)")
+
+
+def _check_sample(errors: list[str], sample: Any) -> None:
+    """Rejection sampling (`r1mega sample`); ``sample.output_dir`` is checked when the
+    command runs, since other commands never need it."""
+    _at_least(errors, "sample.samples_per_prompt", sample.samples_per_prompt, 1)
+    if sample.samples_per_prompt is not None and sample.samples_per_prompt > 10007:
+        errors.append(f"sample.samples_per_prompt={sample.samples_per_prompt} must be <= 10007 "
+                      "(per-request seeds of neighbouring prompts would overlap)")
+    _at_least(errors, "sample.prompts_per_batch", sample.prompts_per_batch, 1)
+    if sample.max_kept_per_prompt is not None:
+        _at_least(errors, "sample.max_kept_per_prompt", sample.max_kept_per_prompt, 1)
+    if sample.max_prompts is not None:
+        _at_least(errors, "sample.max_prompts", sample.max_prompts, 1)
+    readability = sample.readability
+    _one_of(errors, "sample.readability.language", readability.language, (None, "en", "zh"))
+    if not 0.0 <= readability.min_language_fraction <= 1.0:
+        errors.append("sample.readability.min_language_fraction="
+                      f"{readability.min_language_fraction} must be in [0, 1]")
+    if readability.max_response_tokens is not None:
+        _at_least(errors, "sample.readability.max_response_tokens",
+                  readability.max_response_tokens, 1)
+
+
+SFT_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _check_sft(errors: list[str], sft: Any) -> None:
+    """SFT and distillation (`r1mega sft` / `r1mega distill`); whether ``sft.train_path``
+    is set is checked when those commands run, since other commands never need it."""
+    _at_least(errors, "sft.epochs", sft.epochs, 1)
+    for key in ("prompt_field", "response_field"):
+        if not getattr(sft, key):
+            errors.append(f"sft.{key} must be a non-empty field name")
+    if sft.prompt_field and sft.prompt_field == sft.response_field:
+        errors.append(f"sft.prompt_field and sft.response_field are both "
+                      f"{sft.prompt_field!r}: the response would repeat the prompt")
+    path = sft.train_path
+    if path and not str(path).startswith("builtin:") \
+            and not str(path).lower().endswith(SFT_DATA_SUFFIXES):
+        errors.append(f"sft.train_path={path} must be a {', '.join(SFT_DATA_SUFFIXES)} file "
+                      "or builtin:coldstart_arithmetic")
+    readability = sft.readability
+    _one_of(errors, "sft.readability.language", readability.language, (None, "en", "zh"))
+    if not 0.0 <= readability.min_language_fraction <= 1.0:
+        errors.append("sft.readability.min_language_fraction="
+                      f"{readability.min_language_fraction} must be in [0, 1]")
+    if readability.max_response_tokens is not None:
+        _at_least(errors, "sft.readability.max_response_tokens",
+                  readability.max_response_tokens, 1)
 
 
 def _check_rollout_engine(errors: list[str], cfg: Any) -> None:
@@ -449,6 +559,8 @@ def validate_config(cfg: Any, world_size: int | None = None) -> None:
     _check_training(errors, cfg, train_dp)
     _check_grpo(errors, cfg.grpo)
     _check_misc(errors, cfg)
+    _check_sample(errors, cfg.sample)
+    _check_sft(errors, cfg.sft)
 
     if errors:
         if len(errors) == 1:

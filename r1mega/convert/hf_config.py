@@ -21,8 +21,14 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    # Reward models: one-label sequence classifiers (ModelConfig.head = scalar).
+    "LlamaForSequenceClassification": "llama",
+    "Qwen2ForSequenceClassification": "qwen2",
 }
-_HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()}
+_HF_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()
+             if cls.endswith("ForCausalLM")}
+_HF_REWARD_CLASS = {arch: cls for cls, arch in SUPPORTED_ARCHITECTURES.items()
+                    if cls.endswith("ForSequenceClassification")}
 _MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "deepseek_v3": "deepseek_v3"}
 
 
@@ -174,7 +180,15 @@ def model_config_from_hf(config: Mapping[str, Any], include_mtp: bool = True) ->
     arch = hf_architecture(config)
     if arch == "deepseek_v3":
         return _deepseek_v3(config, include_mtp)
-    return _dense(config, arch)
+    model_cfg = _dense(config, arch)
+    if config["architectures"][0].endswith("ForSequenceClassification"):
+        labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+        if labels != 1:
+            raise ConversionError(
+                f"config.json has {labels} labels: a reward model scores with one label "
+                "(num_labels=1)")
+        model_cfg.head = "scalar"
+    return model_cfg
 
 
 def hf_config_from_model_config(model_cfg: Any, dtype: str) -> dict[str, Any]:
@@ -183,8 +197,9 @@ def hf_config_from_model_config(model_cfg: Any, dtype: str) -> dict[str, Any]:
     transformers 4 and 5 both read them."""
     cfg = model_cfg
     heads = cfg.num_attention_heads
+    scalar = getattr(cfg, "head", "lm") == "scalar"
     out: dict[str, Any] = {
-        "architectures": [_HF_CLASS[cfg.arch]],
+        "architectures": [(_HF_REWARD_CLASS if scalar else _HF_CLASS)[cfg.arch]],
         "model_type": _MODEL_TYPE[cfg.arch],
         "hidden_act": "silu",
         "hidden_size": cfg.hidden_size,
@@ -201,6 +216,8 @@ def hf_config_from_model_config(model_cfg: Any, dtype: str) -> dict[str, Any]:
         "dtype": dtype,
         "torch_dtype": dtype,
     }
+    if scalar:
+        out["num_labels"] = 1
     if cfg.arch in ("llama", "qwen2"):
         out["num_key_value_heads"] = cfg.num_query_groups or heads
         out["head_dim"] = cfg.kv_channels or cfg.hidden_size // heads

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from parallel.platform import gpu_available
+from r1mega.models.fp8_support import check_fp8_supported
+from r1mega.models.precision import generation_precision, transformer_precision_kwargs
 from r1mega.models.specs import decoder_block_spec, mtp_block_spec, use_transformer_engine
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _moe_layer_pattern(model_cfg: Any) -> list[int] | int:
@@ -46,7 +46,9 @@ def build_transformer_config(model_cfg: Any, layout: Any, precision: Any | None 
         TransformerConfig,
     )
 
-    params_dtype = _DTYPES[precision.params_dtype] if precision is not None else torch.float32
+    # FP8 refusals (no TE, no FP8 GPU, TE too old for the recipe) name the config keys here,
+    # before any weight is allocated.
+    check_fp8_supported(precision, model_cfg.transformer_impl)
     on_gpu = gpu_available()
     common: dict[str, Any] = dict(
         num_layers=model_cfg.num_layers,
@@ -61,9 +63,8 @@ def build_transformer_config(model_cfg: Any, layout: Any, precision: Any | None 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model_cfg.init_method_std,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        pipeline_dtype=params_dtype,
+        # Weight/activation dtype and the FP8 recipe (r1mega.models.precision).
+        **transformer_precision_kwargs(precision),
         # Parallel layout.
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -118,18 +119,6 @@ def build_transformer_config(model_cfg: Any, layout: Any, precision: Any | None 
             mtp_num_layers=model_cfg.mtp_num_layers,
             mtp_loss_scaling_factor=model_cfg.mtp_loss_scaling_factor,
         )
-    if precision is not None and precision.fp8:
-        from r1mega.models.specs import te_available
-
-        if not te_available():
-            raise RuntimeError(
-                f"precision.fp8={precision.fp8} needs Transformer Engine on an FP8-capable GPU "
-                "(H100/H200; `pip install 'r1mega[gpu]'`); this machine has "
-                f"{'a GPU but no importable TE' if on_gpu else 'no GPU'}. "
-                "Set precision.fp8=null for bf16/fp32."
-            )
-        common.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe)
-
     if model_cfg.arch == "deepseek_v3":
         return MLATransformerConfig(
             **common,
@@ -199,7 +188,8 @@ def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
     from omegaconf import OmegaConf
 
     model_cfg = OmegaConf.merge(model_cfg, {"mtp_num_layers": 0})
-    config = build_transformer_config(model_cfg, layout, precision)
+    # Decoding runs bf16 GEMMs even when training runs FP8 ones (r1mega.models.precision).
+    config = build_transformer_config(model_cfg, layout, generation_precision(precision))
     config.perform_initialization = False
     model = _gpt_model(model_cfg, config, 0, True, True, with_mtp=False,
                        pg_collection=pg_collection)
@@ -215,7 +205,7 @@ def _gpt_model(model_cfg: Any, config: Any, pp_rank: int, pre_process: bool,
     use_te = use_transformer_engine(model_cfg.transformer_impl)
     block_spec = decoder_block_spec(config, use_te, pp_rank=pp_rank)
     mla = model_cfg.arch == "deepseek_v3"
-    model = GPTModel(
+    kwargs: dict[str, Any] = dict(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=model_cfg.vocab_size,
@@ -231,6 +221,12 @@ def _gpt_model(model_cfg: Any, config: Any, pp_rank: int, pre_process: bool,
                         if with_mtp else None),
         pg_collection=pg_collection,
     )
+    if model_cfg.head == "scalar":
+        from r1mega.models.reward_model import RewardModel
+
+        model = RewardModel(last_stage=post_process, **kwargs)
+    else:
+        model = GPTModel(**kwargs)
     if gpu_available():
         model.cuda(torch.cuda.current_device())
     return model

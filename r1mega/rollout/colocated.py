@@ -28,6 +28,7 @@ from parallel.layout import Layout
 from parallel.process_groups import process_groups_for_layout
 from parallel.resharding import WeightResharder
 from r1mega.models import build_generation_model
+from r1mega.monitoring.progress import progress_bar
 from r1mega.rollout.engine import GenerationEngine
 from r1mega.rollout.handover import MemoryHandover
 from r1mega.rollout.types import GenerationRequest, Sample, SamplingParams
@@ -95,7 +96,9 @@ class ColocatedRollout:
         with self.handover.generation():
             reshard_s = self.resharder.reshard()
             start = time.perf_counter()
-            local = self.engine.generate(requests, stop, decode)
+            with progress_bar(len(requests), "generate", unit="resp") as bar:
+                local = self.engine.generate(requests, stop, decode,
+                                             on_finish=lambda: bar.update(1))
             generate_s = time.perf_counter() - start
             self.handover.kv_cache_bytes = self.engine.stats.kv_cache_bytes
             held = self.handover.held_metrics("generation")

@@ -83,23 +83,46 @@ def sample_groups(sampler: Sampler, tokenizer: Any, examples: list[PromptExample
     return samples, rows
 
 
-def score(reward_fn: Any, tokenizer: Any, samples: list[Sample], rows: list[PromptExample]
-          ) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """(total reward per sample, {reward name: per-sample scores}) on every rank."""
+def score(reward_fn: Any, tokenizer: Any, samples: list[Sample], rows: list[PromptExample],
+          reward_model: Any = None) -> tuple[torch.Tensor, dict[str, list[float]],
+                                             dict[str, float]]:
+    """Rewards of every sample, on every rank.
+
+    Rows whose ``metadata["reward_kind"]`` is ``reward_model`` are scored by
+    ``reward_model`` (collective, all ranks); the others by the rule rewards on global
+    rank 0, then broadcast. Returns (total reward per sample, {rule reward name: scores of
+    the rule-scored rows}, {source name: mean total reward} for rows that name a source).
+    """
     from r1mega.rewards import RewardInput
 
-    payload = torch.zeros(len(samples))
+    by_model = [i for i, ex in enumerate(rows)
+                if ex.metadata.get("reward_kind") == "reward_model"]
+    by_rules = [i for i in range(len(rows)) if i not in set(by_model)]
+    total = torch.zeros(len(samples))
     per_reward: dict[str, list[float]] = {}
-    if dist.get_rank() == 0:
-        inputs = [RewardInput(prompt=ex.prompt, response=tokenizer.decode(s.response_ids),
-                              answer=ex.answer, metadata=dict(ex.metadata))
-                  for s, ex in zip(samples, rows, strict=True)]
-        total, per_reward = reward_fn(inputs)
-        payload = torch.tensor(total, dtype=torch.float32)
+    if dist.get_rank() == 0 and by_rules:
+        inputs = [RewardInput(prompt=rows[i].prompt,
+                              response=tokenizer.decode(samples[i].response_ids),
+                              answer=rows[i].answer, metadata=dict(rows[i].metadata))
+                  for i in by_rules]
+        rule_total, per_reward = reward_fn(inputs)
+        total[by_rules] = torch.tensor(rule_total, dtype=torch.float32)
     holder = [per_reward]
-    dist.broadcast(payload, src=0)
+    dist.broadcast(total, src=0)
     dist.broadcast_object_list(holder, src=0)
-    return payload, holder[0]
+    if by_model:
+        if reward_model is None:
+            raise ValueError("rows from a reward_model source but no reward model is loaded "
+                             "(set rewards.reward_model.load)")
+        scores = reward_model.score([rows[i].prompt for i in by_model],
+                                    [tokenizer.decode(samples[i].response_ids)
+                                     for i in by_model])
+        total[by_model] = torch.tensor(scores, dtype=torch.float32)
+    per_source: dict[str, list[float]] = {}
+    for i, ex in enumerate(rows):
+        if "source" in ex.metadata:
+            per_source.setdefault(ex.metadata["source"], []).append(float(total[i]))
+    return total, holder[0], {k: sum(v) / len(v) for k, v in per_source.items()}
 
 
 def build_sampler(cfg: Any, policy: Any, optimizer: Any | None, tokenizer: Any) -> Sampler:

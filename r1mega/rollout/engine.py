@@ -124,9 +124,11 @@ class GenerationEngine:
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], stop_strings: Sequence[str] = (),
-                 decode: Callable[[list[int]], str] | None = None) -> list[Sample]:
+                 decode: Callable[[list[int]], str] | None = None,
+                 on_finish: Callable[[], None] | None = None) -> list[Sample]:
         """One response per request, in request order (collective over the lock-step
-        group; a rank may pass no requests)."""
+        group; a rank may pass no requests). ``on_finish`` is called as each response
+        ends (progress reporting)."""
         from megatron.core.inference.utils import InferenceMode
 
         started = time.perf_counter()
@@ -141,7 +143,7 @@ class GenerationEngine:
         self.stats = EngineStats(requests=len(requests))
         # No more slots than the busiest rank of the lock step has requests.
         slots = max(1, min(self.max_batch_size, most))
-        run = _Run(self, requests, stops, offset, length, slots)
+        run = _Run(self, requests, stops, offset, length, slots, on_finish)
         try:
             with InferenceMode.active():
                 run.loop()
@@ -203,8 +205,10 @@ class _Run:
     """The state of one :meth:`GenerationEngine.generate` call."""
 
     def __init__(self, engine: GenerationEngine, requests: Sequence[GenerationRequest],
-                 stops: StopStrings, offset: int, length: int, slots: int) -> None:
+                 stops: StopStrings, offset: int, length: int, slots: int,
+                 on_finish: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self.on_finish = on_finish
         self.requests = requests
         self.stops = stops
         self.offset = offset  # next cache position to write; shared by all slots
@@ -364,3 +368,5 @@ class _Run:
             prompt_ids=list(row.request.prompt_ids), response_ids=row.response,
             logprobs=row.logprobs, finished=reason != "length", stop_reason=reason)
         self.slots[slot] = None
+        if self.on_finish is not None:
+            self.on_finish()

@@ -84,7 +84,7 @@ def generate(policy: Policy, prompts: list[list[int]], params: SamplingParams,
         new = torch.zeros(b, dtype=torch.long)
         new_logp = torch.zeros(b, dtype=torch.float32)
         if ps.is_pipeline_last_stage():
-            logits = torch.cat([mb["next_logits"] for mb in mbs])
+            logits = torch.cat([mb["next_logits"] for mb in mbs]).cpu()
             new, new_logp = sample_tokens(logits, params.temperature, params.top_k,
                                           params.top_p, generators)
         dist.broadcast(new, src=last_stage, group=pp_group)

@@ -1,14 +1,19 @@
 """Optimizer and learning-rate schedule: megatron-core's, configured from ``train``.
 
-Adam(W) with fp32 master weights; with DP > 1 and ``train.use_distributed_optimizer`` the
-optimizer state is sharded over data-parallel ranks (ZeRO-1 style), which is what lets a
-671B model's Adam state fit. Gradient clipping uses the global norm over all ranks.
+Adam(W) with fp32 master weights and moments by default (``precision.main_params_dtype``
+/ ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` narrow them through megatron's precision-aware
+optimizer; see :mod:`r1mega.models.precision`). With DP > 1 and
+``train.use_distributed_optimizer`` the optimizer state is sharded over data-parallel ranks
+(ZeRO-1 style), which is what lets a 671B model's Adam state fit. Gradient clipping uses
+the global norm over all ranks.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from r1mega.models.precision import check_optimizer_precision_supported, optimizer_precision_kwargs
+from r1mega.models.specs import te_available
 from r1mega.training.policy import Policy
 
 
@@ -16,7 +21,7 @@ def build_optimizer(policy: Policy, train_cfg: Any, precision: Any | None = None
     """megatron-core ``MegatronOptimizer`` over the policy's DDP-wrapped chunks."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    bf16 = precision is not None and precision.params_dtype == "bfloat16"
+    check_optimizer_precision_supported(precision, te_imports=te_available())
     config = OptimizerConfig(
         optimizer="adam",
         lr=train_cfg.lr,
@@ -26,9 +31,9 @@ def build_optimizer(policy: Policy, train_cfg: Any, precision: Any | None = None
         adam_beta2=train_cfg.adam_beta2,
         adam_eps=train_cfg.adam_eps,
         clip_grad=train_cfg.grad_clip,
-        bf16=bf16,
-        params_dtype=policy.config.params_dtype,
         use_distributed_optimizer=train_cfg.use_distributed_optimizer,
+        # bf16 flag, fp8 recipe, optimizer-state dtypes; params_dtype as the model's.
+        **{**optimizer_precision_kwargs(precision), "params_dtype": policy.config.params_dtype},
     )
     return get_megatron_optimizer(config, policy.chunks)
 

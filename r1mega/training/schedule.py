@@ -25,6 +25,11 @@ LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor],
 def _forward_step(loss_fn: LossFn, model_forward: Callable[..., torch.Tensor],
                   data_iterator: Iterable[dict[str, torch.Tensor]], model: torch.nn.Module):
     batch = next(data_iterator)
+    # Batches are built on the host; move them to the model's device in place (callers
+    # read results their loss function stores back into the same dict).
+    device = next(model.parameters()).device
+    batch.update({k: v.to(device, non_blocking=True) for k, v in batch.items()
+                  if isinstance(v, torch.Tensor) and v.device != device})
     output = model_forward(model, batch)
     return output, partial(loss_fn, batch)
 

@@ -57,6 +57,10 @@ def groups(cfg: Any) -> list[TensorGroup]:
         out.append(concat([f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"],
                           f"{meg}mlp.linear_fc1.weight"))
         out.append(copy(f"{hf}mlp.down_proj.weight", f"{meg}mlp.linear_fc2.weight"))
+    if getattr(cfg, "head", "lm") == "scalar":  # a reward model (r1mega.models.reward_model)
+        out.append(copy("model.norm.weight", "head.norm.weight"))
+        out.append(copy("score.weight", "head.score.weight"))
+        return out
     out.append(copy("model.norm.weight", "decoder.final_layernorm.weight"))
     if not cfg.tie_embeddings:
         out.append(copy("lm_head.weight", "output_layer.weight"))

@@ -1,0 +1,29 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base model of ``configs/tiny_cpu.yaml`` (``warm_start:DIR``), pretrained
+    once per test session with the documented tool (about three CPU minutes) for the tests
+    that start from it; a run given ``checkpoint.load=warm_start:DIR`` finds it cached."""
+    out = tmp_path_factory.mktemp("tiny_base")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "tools/pretrain_tiny.py", "configs/tiny_cpu.yaml",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (out / "meta.json").is_file()
+    return out
