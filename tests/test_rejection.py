@@ -44,6 +44,7 @@ from r1mega.rejection.scoring import BatchScorer, check_reward_model
 from r1mega.rejection.stats import compute_stats
 from r1mega.rejection.store import PromptOutcome, SampleStore, StoreError
 from r1mega.rewards import RewardFunction, RewardInput
+from r1mega.sft.data import read_rows
 from tests.distributed import ROOT
 
 CONFIG = "configs/sample_tiny_cpu.yaml"
@@ -173,6 +174,19 @@ def test_store_repairs_what_a_crash_leaves_and_never_duplicates(tmp_path: Path) 
     assert [r.prompt_index for r in store.progress()] == [0, 1, 2, 3]
     pairs = [(r["prompt_index"], r["response"]) for r in store.read_rows()]
     assert pairs == [(0, "r0.0"), (0, "r0.1"), (2, "r2.0"), (3, "r3.0")]
+
+
+def test_a_run_that_keeps_nothing_leaves_an_empty_dataset_the_sft_stage_names(
+        tmp_path: Path) -> None:
+    store = SampleStore(tmp_path / "out")
+    store.open({"k": 1})
+    _commit(store, [_outcome(0, 0), _outcome(1, 0)])
+    assert store.dataset_path.read_bytes() == b""
+    assert SampleStore(tmp_path / "out").open({"k": 1}) == {0: 0, 1: 0}
+    sft_cfg = OmegaConf.create({"train_path": str(store.dataset_path),
+                                "prompt_field": "prompt", "response_field": "response"})
+    with pytest.raises(ValueError, match="has no valid rows.*the file has no rows"):
+        read_rows(sft_cfg, seed=0)
 
 
 def test_store_drops_uncommitted_rows_anywhere_and_refuses_inconsistency(tmp_path: Path

@@ -219,5 +219,10 @@ def run_sampling(cfg: Any, reward_model: RewardModelScorer | None = None
                     f"prompts ({100 * stats['acceptance_rate']:.1f}% of "
                     f"{stats['samples_generated']} samples kept) in "
                     f"{os.path.join(cfg.sample.output_dir, 'dataset.jsonl')}")
+        if stats["kept"] == 0:
+            reasons = ", ".join(f"{k}={v}" for k, v in stats["dropped"].items() if v)
+            print_rank0("[r1mega sample] WARNING: no sample passed the filters "
+                        f"(dropped: {reasons or 'none'}); the dataset is empty. Loosen "
+                        "sample.min_reward / sample.readability or sample more prompts")
     dist.barrier()
     return stats

@@ -131,6 +131,9 @@ class SampleStore:
         self._check_manifest(manifest)
         done = self._read_progress()
         self._repair_dataset(done)
+        # The dataset exists from the start, empty until a row is kept: the next stage
+        # reading it then reports "no rows" instead of a missing file.
+        self.dataset_path.touch()
         return done
 
     def _check_manifest(self, manifest: dict[str, Any]) -> None:
