@@ -30,7 +30,7 @@ from r1mega.checkpointing.train_state import (
     save_checkpoint,
 )
 from r1mega.data.prompts import PromptExample, PromptSampler, load_prompt_dataset
-from r1mega.data.sources import MixedPromptSampler, Source
+from r1mega.data.sources import MixedPromptSampler, Source, load_source_examples
 from r1mega.data.tasks import builtin_dataset, is_builtin
 from r1mega.data.tokenizers import build_tokenizer
 from r1mega.logging_utils import print_rank0
@@ -64,22 +64,13 @@ def _prompt_sampler(cfg: Any) -> PromptSampler | MixedPromptSampler:
     if not cfg.data.sources:
         return PromptSampler(_dataset(cfg, "train"), batch_size=cfg.rollout.prompts_per_step,
                              seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    sources = [Source(name=s.name, examples=_source_examples(cfg, s), weight=s.weight,
-                      reward=s.reward) for s in cfg.data.sources]
+    sources = [Source(name=s.name, weight=s.weight, reward=s.reward,
+                      examples=load_source_examples(
+                          str(s.path), s.reward, s.prompt_field or cfg.data.prompt_field,
+                          s.answer_field or cfg.data.answer_field, cfg.train.seed))
+               for s in cfg.data.sources]
     return MixedPromptSampler(sources, cfg.rollout.prompts_per_step, seed=cfg.train.seed,
                               shuffle=cfg.data.shuffle)
-
-
-def _source_examples(cfg: Any, source: Any) -> list[PromptExample]:
-    if is_builtin(source.path):
-        return builtin_dataset(source.path, "train", cfg.train.seed)
-    from r1mega.data.prompts import PromptDataset
-
-    rules = source.reward == "rules"
-    return list(PromptDataset(
-        source.path, prompt_field=source.prompt_field or cfg.data.prompt_field,
-        answer_field=(source.answer_field or cfg.data.answer_field) if rules else None,
-        require_answer=rules))
 
 
 def _build_reward_model(cfg: Any, tokenizer: Any) -> Any:

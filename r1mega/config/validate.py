@@ -466,6 +466,16 @@ def _check_sources(errors: list[str], cfg: Any) -> None:
                       "is not set (a converted reward model checkpoint)")
 
 
+def _check_readability(errors: list[str], key: str, readability: Any) -> None:
+    """A readability filter's settings (the same filter serves SFT data and sampling)."""
+    _one_of(errors, f"{key}.language", readability.language, (None, "en", "zh"))
+    if not 0.0 <= readability.min_language_fraction <= 1.0:
+        errors.append(f"{key}.min_language_fraction={readability.min_language_fraction} "
+                      "must be in [0, 1]")
+    if readability.max_response_tokens is not None:
+        _at_least(errors, f"{key}.max_response_tokens", readability.max_response_tokens, 1)
+
+
 def _check_sample(errors: list[str], sample: Any) -> None:
     """Rejection sampling (`r1mega sample`); ``sample.output_dir`` is checked when the
     command runs, since other commands never need it."""
@@ -478,14 +488,7 @@ def _check_sample(errors: list[str], sample: Any) -> None:
         _at_least(errors, "sample.max_kept_per_prompt", sample.max_kept_per_prompt, 1)
     if sample.max_prompts is not None:
         _at_least(errors, "sample.max_prompts", sample.max_prompts, 1)
-    readability = sample.readability
-    _one_of(errors, "sample.readability.language", readability.language, (None, "en", "zh"))
-    if not 0.0 <= readability.min_language_fraction <= 1.0:
-        errors.append("sample.readability.min_language_fraction="
-                      f"{readability.min_language_fraction} must be in [0, 1]")
-    if readability.max_response_tokens is not None:
-        _at_least(errors, "sample.readability.max_response_tokens",
-                  readability.max_response_tokens, 1)
+    _check_readability(errors, "sample.readability", sample.readability)
 
 
 SFT_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -506,14 +509,7 @@ def _check_sft(errors: list[str], sft: Any) -> None:
             and not str(path).lower().endswith(SFT_DATA_SUFFIXES):
         errors.append(f"sft.train_path={path} must be a {', '.join(SFT_DATA_SUFFIXES)} file "
                       "or builtin:coldstart_arithmetic")
-    readability = sft.readability
-    _one_of(errors, "sft.readability.language", readability.language, (None, "en", "zh"))
-    if not 0.0 <= readability.min_language_fraction <= 1.0:
-        errors.append("sft.readability.min_language_fraction="
-                      f"{readability.min_language_fraction} must be in [0, 1]")
-    if readability.max_response_tokens is not None:
-        _at_least(errors, "sft.readability.max_response_tokens",
-                  readability.max_response_tokens, 1)
+    _check_readability(errors, "sft.readability", sft.readability)
 
 
 def _check_rollout_engine(errors: list[str], cfg: Any) -> None:

@@ -16,9 +16,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from r1mega.data.prompts import PromptExample, PromptSampler
+from r1mega.data.prompts import PromptDataset, PromptExample, PromptSampler
+from r1mega.data.tasks import builtin_dataset, is_builtin
 
 REWARD_KINDS = ("rules", "reward_model")
+
+
+def load_source_examples(path: str, reward: str, prompt_field: str,
+                         answer_field: str | None, seed: int) -> list[PromptExample]:
+    """The prompts of one source (a JSONL/Parquet file or ``builtin:<task>``'s train split),
+    for RL and rejection sampling alike: rule rewards need the reference answer, so rows
+    without one are skipped; a reward model judges without one, so it is not read."""
+    if is_builtin(path):
+        return builtin_dataset(path, "train", seed)
+    rules = reward == "rules"
+    return list(PromptDataset(path, prompt_field=prompt_field,
+                              answer_field=answer_field if rules else None,
+                              require_answer=rules))
 
 
 @dataclass

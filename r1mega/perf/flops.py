@@ -31,7 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FlopsPerToken", "forward_flops_per_token", "model_flops_utilization"]
+__all__ = ["FlopsPerToken", "attention_score_flops", "forward_flops_per_token",
+           "model_flops_utilization"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def _attention_projections(m: Any) -> float:
     return 2.0 * (h * a * d + 2 * h * g * d + a * d * h)
 
 
-def _attention_scores(m: Any, mean_keys: float) -> float:
+def attention_score_flops(m: Any, mean_keys: float) -> float:
+    """Forward FLOPs of QK^T and PV in one layer for a query that sees ``mean_keys`` keys."""
     a = m.num_attention_heads
     if m.arch == "deepseek_v3":
         dims = m.qk_head_dim + m.qk_pos_emb_head_dim + m.v_head_dim
@@ -104,11 +106,11 @@ def forward_flops_per_token(m: Any, seq_length: int, causal: bool = True) -> Flo
     mean_keys = (seq_length + 1) / 2 if causal else float(seq_length)
     layers = range(m.num_layers)
     projections = _attention_projections(m) * m.num_layers
-    scores = _attention_scores(m, mean_keys) * m.num_layers
+    scores = attention_score_flops(m, mean_keys) * m.num_layers
     mlp = sum(_mlp(m, i) for i in layers)
     head = 2.0 * m.hidden_size * m.vocab_size
     mtp_layer = (2.0 * 2 * m.hidden_size * m.hidden_size + _attention_projections(m)
-                 + _attention_scores(m, mean_keys) + _mlp(m, m.num_layers - 1) + head)
+                 + attention_score_flops(m, mean_keys) + _mlp(m, m.num_layers - 1) + head)
     return FlopsPerToken(attention_projections=projections, attention_scores=scores, mlp=mlp,
                          output_head=head, mtp=m.mtp_num_layers * mtp_layer)
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parallel.layout import Layout
+from r1mega.perf.flops import attention_score_flops
 from r1mega.planner.hardware import Assumptions, GiB, Hardware
 from r1mega.planner.params import (
     Block,
@@ -364,16 +365,6 @@ def _link_time(nbytes: float, remote_fraction: float, hw: Hardware, asm: Assumpt
     return ib + nvl
 
 
-def _attention_flops_per_token(m: Any, context: float) -> float:
-    """Forward FLOPs of QK^T and PV for one token attending to ``context`` keys."""
-    a = m.num_attention_heads
-    if m.arch == "deepseek_v3":
-        dims = m.qk_head_dim + m.qk_pos_emb_head_dim + m.v_head_dim
-    else:
-        dims = 2 * (m.kv_channels or m.hidden_size // a)
-    return 2 * a * dims * context
-
-
 def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Hardware,
                asm: Assumptions) -> StepTime:
     m, train = cfg.model, cfg.train
@@ -394,13 +385,13 @@ def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Har
 
     # -- rollout ------------------------------------------------------------------------
     prefill_flops = sequences * prompt * (
-        2 * matmul_active + n_layers * _attention_flops_per_token(m, prompt / 2))
+        2 * matmul_active + n_layers * attention_score_flops(m, prompt / 2))
     prefill = prefill_flops / (world * hw.bf16_flops * asm.prefill_mfu)
     # Decode step: read this GPU's weights and (on average half-full) KV cache once.
     avg_kv = gen.kv_cache * (prompt + response / 2) / seq
     hbm = (gen.weights + avg_kv) / (hw.hbm_bytes_per_s * asm.decode_hbm_efficiency)
     batch = gen.sequences_per_replica
-    decode_flops = batch * (2 * matmul_active + n_layers * _attention_flops_per_token(
+    decode_flops = batch * (2 * matmul_active + n_layers * attention_score_flops(
         m, prompt + response / 2)) / (gl.tp * gl.pp * gl.cp)
     compute = decode_flops / (hw.bf16_flops * asm.prefill_mfu)
     moe_layers = sum(is_moe_layer(m, i) for i in range(n_layers))
@@ -418,14 +409,14 @@ def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Har
 
     # -- training -------------------------------------------------------------------------
     tokens = sequences * seq
-    fwd_per_token = 2 * matmul_active + n_layers * _attention_flops_per_token(m, seq / 2)
+    fwd_per_token = 2 * matmul_active + n_layers * attention_score_flops(m, seq / 2)
     mtp = m.mtp_num_layers
     if mtp:
         mtp_active = mtp_block(m).total
         if is_moe_layer(m, n_layers - 1):  # the experts a token is not routed to
             mtp_active -= (m.num_experts - m.moe_topk) * 3 * m.hidden_size * m.moe_ffn_hidden_size
         head = params.output.total or params.embedding.total
-        fwd_per_token += mtp * (2 * (mtp_active + head) + _attention_flops_per_token(m, seq / 2))
+        fwd_per_token += mtp * (2 * (mtp_active + head) + attention_score_flops(m, seq / 2))
     passes = 3 + (1 if train.recompute == "full" else 0) + 1  # fwd+bwd, recompute, reference
     train_flops = passes * fwd_per_token * tokens
     train_compute = train_flops / (world * hw.peak_flops(fp8) * asm.train_mfu(fp8))

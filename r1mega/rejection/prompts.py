@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from r1mega.config.validate import ConfigError
-from r1mega.data.prompts import PromptDataset, PromptExample
-from r1mega.data.tasks import builtin_dataset, is_builtin
+from r1mega.data.prompts import PromptExample
+from r1mega.data.sources import load_source_examples
 from r1mega.rejection.filtering import REWARD_KINDS, RULES
 
 DEFAULT_SOURCE = "prompts"
@@ -69,21 +69,14 @@ def prompt_sources(cfg: Any) -> list[PromptSource]:
                       "data.train_path")
 
 
-def _examples(source: PromptSource, seed: int) -> list[PromptExample]:
-    if is_builtin(source.path):
-        return builtin_dataset(source.path, "train", seed)
-    # Rule rewards may need the reference answer; a reward model judges without one.
-    return list(PromptDataset(source.path, prompt_field=source.prompt_field,
-                              answer_field=source.answer_field,
-                              require_answer=source.kind == RULES))
-
-
 def load_prompts(cfg: Any) -> list[SamplingPrompt]:
     """Every prompt of the run, in index order (deterministic: same on every rank), the
     first ``sample.max_prompts`` of each source when that is set."""
     prompts: list[SamplingPrompt] = []
     limit = cfg.sample.max_prompts
     for source in prompt_sources(cfg):
-        for example in _examples(source, cfg.train.seed)[:limit]:
+        examples = load_source_examples(source.path, source.kind, source.prompt_field,
+                                        source.answer_field, cfg.train.seed)
+        for example in examples[:limit]:
             prompts.append(SamplingPrompt(len(prompts), example, source.kind, source.name))
     return prompts
