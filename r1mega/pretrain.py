@@ -470,14 +470,11 @@ def _fit(cfg: Any, settings: PretrainSettings, policy: Any, elapsed: Callable[[]
     """The curriculum's optimizer steps (see :func:`pretrain_base`); returns the last
     step's slot-weighted training loss."""
     from r1mega.data.tasks import builtin_dataset
-    from r1mega.data.tokenizers import build_tokenizer
+    from r1mega.data.tokenizers import build_model_tokenizer
     from r1mega.training.optim import build_lr_scheduler, build_optimizer
     from r1mega.training.schedule import forward_backward, lm_loss
 
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={cfg.model.vocab_size}")
+    tokenizer = build_model_tokenizer(cfg)
     train_cfg = _train_cfg(cfg, settings)
     optimizer = build_optimizer(policy, train_cfg, cfg.precision)
     scheduler = build_lr_scheduler(optimizer, train_cfg)

@@ -32,7 +32,7 @@ from r1mega.checkpointing.train_state import (
 from r1mega.data.prompts import PromptExample, PromptSampler, load_prompt_dataset
 from r1mega.data.sources import MixedPromptSampler, Source, load_source_examples
 from r1mega.data.tasks import builtin_dataset, is_builtin
-from r1mega.data.tokenizers import build_tokenizer
+from r1mega.data.tokenizers import build_model_tokenizer
 from r1mega.logging_utils import print_rank0
 from r1mega.monitoring.memory import phase_peak_gib, start_phase
 from r1mega.monitoring.wandb_logger import WandbMonitor
@@ -102,10 +102,7 @@ def run_training(cfg: Any) -> list[StepRecord]:
     print_rank0(f"[r1mega] {env.world_size} process(es) via {env.launcher}; "
                 f"train layout {layout.describe()}; model {cfg.model.arch} "
                 f"({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size})")
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={cfg.model.vocab_size}")
+    tokenizer = build_model_tokenizer(cfg)
     policy = build_policy(cfg.model, cfg.train_layout, cfg.precision, cfg.train.recompute,
                           use_distributed_optimizer=cfg.train.use_distributed_optimizer)
     weights = initial_weights(cfg)
@@ -127,7 +124,7 @@ def run_training(cfg: Any) -> list[StepRecord]:
         print_rank0(f"[r1mega] rollout engine: {rollout.describe()}")
     reward_fn = _build_reward_fn(cfg)
     reward_model = _build_reward_model(cfg, tokenizer)
-    monitor = WandbMonitor(cfg, run_dir=_run_dir(cfg))
+    monitor = WandbMonitor(cfg)
     history: list[StepRecord] = []
 
     def checkpoint(step: int) -> None:
@@ -167,13 +164,6 @@ def initial_weights(cfg: Any) -> str | None:
         print_rank0(f"[r1mega] base model: {load} (pretrained on first use, then cached)")
         return ensure_base_model(cfg, load[len(WARM_START):])
     return resolve_weights(load)
-
-
-def _run_dir(cfg: Any) -> str | None:
-    """Where run artefacts (W&B files) go by default: beside the checkpoints."""
-    if cfg.checkpoint.save_dir:
-        return os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir))
-    return None
 
 
 def _maybe_inject_fault(step: int) -> None:

@@ -235,3 +235,13 @@ def build_tokenizer(tokenizer_cfg: Any) -> Tokenizer:
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     return HFTokenizer(path)
+
+
+def build_model_tokenizer(cfg: Any) -> Tokenizer:
+    """The job's tokenizer (``cfg.tokenizer``), refused when it has more tokens than the
+    model's embedding has rows (``model.vocab_size``): those ids would index past it."""
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={cfg.model.vocab_size}")
+    return tokenizer

@@ -18,7 +18,10 @@ from r1mega.monitoring.metrics import namespaced
 
 
 class WandbMonitor:
-    """Owns the W&B run of a job (a no-op on ranks other than 0 or when disabled)."""
+    """Owns the W&B run of a job (a no-op on ranks other than 0 or when disabled).
+
+    Its files go to ``logging.wandb_dir``, else ``run_dir``, else beside the checkpoints
+    (the parent of ``checkpoint.save_dir``), else the working directory."""
 
     def __init__(self, cfg: Any, run_dir: str | None = None) -> None:
         self.run = None
@@ -29,7 +32,9 @@ class WandbMonitor:
         import wandb
         from omegaconf import OmegaConf
 
-        directory = cfg.logging.wandb_dir or run_dir or os.getcwd()
+        beside_checkpoints = (os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir))
+                              if cfg.checkpoint.save_dir else None)
+        directory = cfg.logging.wandb_dir or run_dir or beside_checkpoints or os.getcwd()
         os.makedirs(directory, exist_ok=True)
         self.run = wandb.init(
             project=cfg.logging.wandb_project,

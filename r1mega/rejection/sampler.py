@@ -123,15 +123,12 @@ def _generate(cfg: Any, sampler: Any, tokenizer: Any, batch: Sequence[SamplingPr
 def _build_generation(cfg: Any, world_size: int, weights: Path | None) -> tuple[Any, Any]:
     """The tokenizer and the rollout sampler over the policy's weights (collective)."""
     from r1mega.checkpointing.model_io import load_model
-    from r1mega.data.tokenizers import build_tokenizer
+    from r1mega.data.tokenizers import build_model_tokenizer
     from r1mega.rollout.colocated import generation_layout_for
     from r1mega.rollout.driver import build_sampler
     from r1mega.training.policy import build_policy
 
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={cfg.model.vocab_size}")
+    tokenizer = build_model_tokenizer(cfg)
     manual_seed(cfg.train.seed)
     policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
     if weights is not None:

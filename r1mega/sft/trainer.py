@@ -16,7 +16,6 @@ the same schedule).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ from r1mega.checkpointing.train_state import (
     save_checkpoint,
 )
 from r1mega.data.prompts import PromptSampler
-from r1mega.data.tokenizers import build_tokenizer
+from r1mega.data.tokenizers import build_model_tokenizer
 from r1mega.logging_utils import print_rank0
 from r1mega.monitoring.wandb_logger import WandbMonitor
 from r1mega.preemption import PreemptionHandler, finish_step
@@ -109,21 +108,11 @@ def _load_data(cfg: Any, stage: str) -> tuple[Any, list[SFTExample], SFTDataRepo
                          f"{cfg.sft.prompt_field}/{cfg.sft.response_field} rows)")
     if stage == "distill":
         _report_provenance(cfg.sft.train_path, cfg.data.template)
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={cfg.model.vocab_size}")
+    tokenizer = build_model_tokenizer(cfg)
     examples, report = load_sft_examples(cfg, tokenizer)
     for line in report.lines():
         print_rank0(f"[r1mega] {line}")
     return tokenizer, examples, report
-
-
-def _run_dir(cfg: Any) -> str | None:
-    """W&B files go beside the checkpoints by default (as for RL)."""
-    if cfg.checkpoint.save_dir:
-        return os.path.dirname(os.path.abspath(cfg.checkpoint.save_dir))
-    return None
 
 
 def _start(cfg: Any, policy: Policy, optimizer: Any, scheduler: Any,
@@ -184,7 +173,7 @@ def train_sft(cfg: Any, stage: str = "sft") -> list[SFTStepRecord]:
                    f"padded, micro_batch_size {cfg.train.micro_batch_size}")
     print_rank0(f"[r1mega] {plan.describe()} ({layout_kind}); running steps {start_step}"
                 f"..{last_step}")
-    monitor = WandbMonitor(cfg, run_dir=_run_dir(cfg))
+    monitor = WandbMonitor(cfg)
     history: list[SFTStepRecord] = []
 
     def checkpoint(step: int) -> None:
