@@ -97,7 +97,8 @@ def score(reward_fn: Any, tokenizer: Any, samples: list[Sample], rows: list[Prom
 
     by_model = [i for i, ex in enumerate(rows)
                 if ex.metadata.get("reward_kind") == "reward_model"]
-    by_rules = [i for i in range(len(rows)) if i not in set(by_model)]
+    model_scored = set(by_model)
+    by_rules = [i for i in range(len(rows)) if i not in model_scored]
     total = torch.zeros(len(samples))
     per_reward: dict[str, list[float]] = {}
     if dist.get_rank() == 0 and by_rules:
