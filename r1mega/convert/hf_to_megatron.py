@@ -110,9 +110,6 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str |
     check_target(out_dir)
     reader = HFCheckpointReader(hf_dir)
     model_cfg = model_config_from_hf(reader.config, include_mtp=include_mtp)
-    # The keys are those of megatron's local (non-TE) layer specs, which the CPU platform
-    # uses; see the note on Transformer Engine in r1mega/convert/megatron_layout.py.
-    model_cfg.transformer_impl = "local"
     dtype = dtype or default_dtype(reader.config)
     layout = model_layout(model_cfg, dtype)
     groups = groups_for(model_cfg)

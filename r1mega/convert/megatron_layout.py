@@ -10,12 +10,12 @@ megatron's stacking of homogeneous layers / experts along prepended axes and the
 SwiGLU factory that stores ``linear_fc1`` as separately-shardable gate and up halves.
 
 The model is built with megatron's local (non-Transformer-Engine) layer specs, as the CPU
-platform trains it. With TE (GPU clusters) megatron names some tensors differently:
-dense models map TE's fused ``linear_qkv.layer_norm_weight`` onto the same global keys,
-but TE's MLA fuses the q/kv low-rank norms into ``linear_q_up_proj`` /
-``linear_kv_up_proj`` (``...layer_norm_weight``) where the local spec has
-``q_layernorm`` / ``kv_layernorm``, and TE's grouped-GEMM experts are stored in another
-layout; such checkpoints are not covered here.
+platform trains it; the keys it saves are the ones TE's specs save (GPU clusters), so a
+converted checkpoint loads into either. megatron-core maps dense layers' norms onto TE's
+fused ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` itself; for MLA
+layers ``r1mega.models.specs`` adds the same for the q/kv low-rank norms (TE fuses them
+into ``linear_q_up_proj`` / ``linear_kv_up_proj``) and the dense layers' pre-MLP norm.
+TE's grouped-GEMM experts save under ``SequentialMLP``'s keys (megatron-core's design).
 """
 
 from __future__ import annotations
@@ -142,17 +142,24 @@ def single_process_groups() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def build_meta_model(model_cfg: Any, dtype: str) -> torch.nn.Module:
+def build_meta_model(model_cfg: Any, dtype: str, transformer_impl: str = "local"
+                     ) -> torch.nn.Module:
     """The world-size-1 GPTModel of ``model_cfg`` with ``dtype`` parameters, on ``meta``.
 
+    Built with ``transformer_impl`` (local by default: it builds on any machine, and its
+    checkpoint keys are TE's, see the module docstring); ``model_cfg`` is not changed.
     Call inside :func:`single_process_groups`.
     """
+    import copy
+
     from parallel.layout import Layout
     from r1mega.config.schema import PrecisionConfig
     from r1mega.models import build_model
 
     if dtype not in _DTYPES:
         raise ConversionError(f"dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+    model_cfg = copy.deepcopy(model_cfg)
+    model_cfg.transformer_impl = transformer_impl
     with _MetaFactories():
         return build_model(model_cfg, Layout(world_size=1), PrecisionConfig(params_dtype=dtype))
 

@@ -72,6 +72,10 @@ def build_transformer_config(model_cfg: Any, layout: Any, precision: Any | None 
         expert_tensor_parallel_size=layout.etp,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.sequence_parallel,
+        # The layer implementation the specs are built from (megatron resolves defaults,
+        # e.g. MLA's q/kv norm modules, from it): TE when it imports, else local.
+        transformer_impl=("transformer_engine"
+                          if use_transformer_engine(model_cfg.transformer_impl) else "local"),
         # Fusions that need CUDA kernels are only requested on GPU.
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
@@ -202,7 +206,7 @@ def _gpt_model(model_cfg: Any, config: Any, pp_rank: int, pre_process: bool,
                ) -> torch.nn.Module:
     from megatron.core.models.gpt import GPTModel
 
-    use_te = use_transformer_engine(model_cfg.transformer_impl)
+    use_te = config.transformer_impl == "transformer_engine"
     block_spec = decoder_block_spec(config, use_te, pp_rank=pp_rank)
     mla = model_cfg.arch == "deepseek_v3"
     kwargs: dict[str, Any] = dict(

@@ -79,6 +79,7 @@ def _localize(spec: Any) -> None:
     _replace_in_spec(spec, DotProductAttention, SDPACoreAttention)
     _replace_in_spec(spec, WrappedTorchNorm, SequenceParallelRMSNorm)
     _duplicate_mla_down_projections(spec)
+    _save_mla_layers_under_te_keys(spec)
 
 
 def _duplicate_mla_down_projections(spec: Any, _seen: set[int] | None = None) -> None:
@@ -94,6 +95,54 @@ def _duplicate_mla_down_projections(spec: Any, _seen: set[int] | None = None) ->
         value = getattr(spec, f.name)
         for item in value if isinstance(value, list) else [value]:
             _duplicate_mla_down_projections(item, seen)
+
+
+# Where megatron-core 0.19.2's TE spec keeps an MLA layer's norms that the local spec keeps
+# in separate modules: TE fuses the q/kv low-rank norms into the up projections and, in
+# dense (non-MoE) layers, the pre-MLP norm into ``linear_fc1``. Local prefix -> TE prefix.
+_MLA_TE_KEYS = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+}
+_DENSE_MLP_TE_KEYS = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def _is_moe(mlp_spec: Any) -> bool:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    target = getattr(mlp_spec, "func", None) or getattr(mlp_spec, "module", None)
+    return isinstance(target, type) and issubclass(target, MoELayer)
+
+
+def _save_mla_layers_under_te_keys(spec: Any, _seen: set[int] | None = None) -> None:
+    """Give local-spec MLA layers the distributed-checkpoint keys of TE's spec.
+
+    Checkpoints must load whichever implementation a job runs (CPU CI and conversion use
+    the local spec, GPU clusters TE). megatron-core's local spec already maps dense
+    attention layers' norms onto TE's fused ``layer_norm_weight`` keys, but in 0.19.2 not
+    MLA layers; without this a DeepSeek-V3 checkpoint converted or trained here would miss
+    ``linear_q_up_proj.layer_norm_weight`` & co. when a TE model loads it. Only the saved
+    keys change (``sharded_state_dict_keys_map``); module names stay megatron's.
+    """
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+    from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+    seen = _seen if _seen is not None else set()
+    if id(spec) in seen or not dataclasses.is_dataclass(spec) or isinstance(spec, type):
+        return
+    seen.add(id(spec))
+    if isinstance(spec, TransformerLayerSubmodules):
+        attention = getattr(spec.self_attention, "module", None)
+        if isinstance(attention, type) and issubclass(attention, MLASelfAttention):
+            keys = dict(spec.sharded_state_dict_keys_map or {})
+            keys.update(_MLA_TE_KEYS)
+            if not _is_moe(spec.mlp):
+                keys.update(_DENSE_MLP_TE_KEYS)
+            spec.sharded_state_dict_keys_map = keys
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            _save_mla_layers_under_te_keys(item, seen)
 
 
 def decoder_block_spec(config: Any, use_te: bool, pp_rank: int | None = None) -> Any:
