@@ -94,9 +94,11 @@ def transformer_engine_specs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _model_cfg(arch: str) -> Any:
-    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "deepseek_v3": "DeepseekV3ForCausalLM"}[arch]
-    return model_config_from_hf({**hf_config(arch).to_dict(), "architectures": [architecture]})
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = hf_config(arch).to_dict()  # a config built in memory names no architecture
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]
+    return model_config_from_hf({**config, "architectures": [architecture]})
 
 
 def _stored_keys(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -47,28 +47,33 @@ def use_transformer_engine(transformer_impl: str) -> bool:
     )
 
 
-def _replace_in_spec(spec: Any, old: type, new: type, _seen: set[int] | None = None) -> None:
+def _spec_nodes(spec: Any) -> list[Any]:
+    """Every dataclass instance (``ModuleSpec``, ``*Submodules``) in a nested megatron
+    spec, each once: layers share spec objects, and the passes below edit them in place."""
+    nodes: list[Any] = []
+    seen: set[int] = set()
+    stack = [spec]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or not dataclasses.is_dataclass(node) or isinstance(node, type):
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            stack.extend(value if isinstance(value, list) else [value])
+    return nodes
+
+
+def _replace_in_spec(spec: Any, old: type, new: type) -> None:
     """Replace every reference to ``old`` by ``new`` in a (nested) megatron module spec."""
-    seen = _seen if _seen is not None else set()
-    if id(spec) in seen:
-        return
-    seen.add(id(spec))
-    children: list[tuple[str, Any]]
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        children = [(f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec)]
-    else:
-        return
-    for name, value in children:
-        if value is old:
-            setattr(spec, name, new)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if item is old:
-                    value[i] = new
-                else:
-                    _replace_in_spec(item, old, new, seen)
-        else:
-            _replace_in_spec(value, old, new, seen)
+    for node in _spec_nodes(spec):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if value is old:
+                setattr(node, f.name, new)
+            elif isinstance(value, list):
+                value[:] = [new if item is old else item for item in value]
 
 
 def _localize(spec: Any) -> None:
@@ -82,19 +87,12 @@ def _localize(spec: Any) -> None:
     _save_mla_layers_under_te_keys(spec)
 
 
-def _duplicate_mla_down_projections(spec: Any, _seen: set[int] | None = None) -> None:
+def _duplicate_mla_down_projections(spec: Any) -> None:
     """Give MLA duplicated q/kv down projections, as TE's spec does (platform note 7)."""
-    seen = _seen if _seen is not None else set()
-    if id(spec) in seen or not dataclasses.is_dataclass(spec) or isinstance(spec, type):
-        return
-    seen.add(id(spec))
-    for name in ("linear_q_down_proj", "linear_kv_down_proj"):
-        if getattr(spec, name, None) is not None:
-            setattr(spec, name, duplicated_linear_class())
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        for item in value if isinstance(value, list) else [value]:
-            _duplicate_mla_down_projections(item, seen)
+    for node in _spec_nodes(spec):
+        for name in ("linear_q_down_proj", "linear_kv_down_proj"):
+            if getattr(node, name, None) is not None:
+                setattr(node, name, duplicated_linear_class())
 
 
 # Where megatron-core 0.19.2's TE spec keeps an MLA layer's norms that the local spec keeps
@@ -114,7 +112,7 @@ def _is_moe(mlp_spec: Any) -> bool:
     return isinstance(target, type) and issubclass(target, MoELayer)
 
 
-def _save_mla_layers_under_te_keys(spec: Any, _seen: set[int] | None = None) -> None:
+def _save_mla_layers_under_te_keys(spec: Any) -> None:
     """Give local-spec MLA layers the distributed-checkpoint keys of TE's spec.
 
     Checkpoints must load whichever implementation a job runs (CPU CI and conversion use
@@ -127,22 +125,16 @@ def _save_mla_layers_under_te_keys(spec: Any, _seen: set[int] | None = None) -> 
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
     from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-    seen = _seen if _seen is not None else set()
-    if id(spec) in seen or not dataclasses.is_dataclass(spec) or isinstance(spec, type):
-        return
-    seen.add(id(spec))
-    if isinstance(spec, TransformerLayerSubmodules):
-        attention = getattr(spec.self_attention, "module", None)
+    for node in _spec_nodes(spec):
+        if not isinstance(node, TransformerLayerSubmodules):
+            continue
+        attention = getattr(node.self_attention, "module", None)
         if isinstance(attention, type) and issubclass(attention, MLASelfAttention):
-            keys = dict(spec.sharded_state_dict_keys_map or {})
+            keys = dict(node.sharded_state_dict_keys_map or {})
             keys.update(_MLA_TE_KEYS)
-            if not _is_moe(spec.mlp):
+            if not _is_moe(node.mlp):
                 keys.update(_DENSE_MLP_TE_KEYS)
-            spec.sharded_state_dict_keys_map = keys
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        for item in value if isinstance(value, list) else [value]:
-            _save_mla_layers_under_te_keys(item, seen)
+            node.sharded_state_dict_keys_map = keys
 
 
 def decoder_block_spec(config: Any, use_te: bool, pp_rank: int | None = None) -> Any:

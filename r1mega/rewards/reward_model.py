@@ -61,7 +61,8 @@ class RewardModelScorer:
         if model_cfg.head != "scalar":
             raise ValueError(f"rewards.reward_model.load={rm_cfg.load} holds a model with "
                              f"head={model_cfg.head!r}, not a reward model (head: scalar)")
-        model_cfg.transformer_impl = "local" if not gpu_available() else "auto"
+        # TE when it imports, as for the policy (older conversions saved `local`).
+        model_cfg.transformer_impl = "auto"
         model = build_model(model_cfg, layout_cfg, precision)
         load_model([model], str(path))
         model.eval()
