@@ -1,14 +1,17 @@
 """`r1mega` command line: train, plan, convert, generate, eval.
 
-Configs are YAML files (see ``configs/``) plus ``key=value`` overrides, validated before
-any process starts. `r1mega train` started from a shell spawns the configured number of
-local processes itself; under torchrun or srun it runs as the given rank.
+Configs are YAML files (see ``configs/``) plus ``key=value`` overrides (anywhere after
+the positional argument), validated before any process starts. A command started from a
+shell spawns its local processes itself (``--nproc N``, default ``launch.nproc_per_node``
+for jobs, 1 for eval/generate); under torchrun or srun it runs as the rank it was given,
+and ``--nproc`` (if given) must match the launcher's world size.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +34,11 @@ JOB_ENTRIES = {
 }
 
 
+#: Commands whose positional arguments end with ``key=value`` config overrides.
+OVERRIDE_COMMANDS = (*JOB_ENTRIES, "plan", "generate", "eval")
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (e.g. configs/tiny_cpu.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -47,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         job = sub.add_parser(name, help=text)
         _add_config_args(job)
         job.add_argument("--nproc", type=int, default=None,
-                         help="local processes to start (default: launch.nproc_per_node)")
+                         help="local processes to start (default: launch.nproc_per_node; "
+                         "under torchrun/srun: the launcher's)")
     plan = sub.add_parser("plan", help="per-GPU memory and step time of a config's layouts")
     _add_config_args(plan)
     add_plan_arguments(plan)
@@ -68,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the run's data.template)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--output", default=None, help="write completions as JSONL here")
-    gen.add_argument("--nproc", type=int, default=None, help="local processes (default 1)")
+    gen.add_argument("--nproc", type=int, default=None,
+                     help="local processes (default 1; under torchrun/srun: the launcher's)")
     ev = sub.add_parser("eval", help="evaluate a checkpoint (pass@1 over k samples, greedy)")
     ev.add_argument("checkpoint", help="a checkpoint step directory, or a save_dir (latest)")
     ev.add_argument("overrides", nargs="*", metavar="key=value",
@@ -82,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     ev.add_argument("--batch-size", type=int, default=64, help="samples per generation batch")
     ev.add_argument("--output", default=None, help="write the result as JSON here")
-    ev.add_argument("--nproc", type=int, default=None, help="local processes (default 1)")
+    ev.add_argument("--nproc", type=int, default=None,
+                    help="local processes (default 1; under torchrun/srun: the launcher's)")
     return parser
 
 
@@ -94,21 +105,58 @@ def _check_rewards(cfg: object) -> None:
     RewardFunction.from_config(cfg.rewards).close()
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line; ``key=value`` overrides may follow options too
+    (``eval CKPT --k 2 train.seed=3``), in the order given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if _OVERRIDE.match(a)]
+    if len(overrides) != len(extra) or (overrides and args.command not in OVERRIDE_COMMANDS):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def launcher_world_size() -> int | None:
+    """The world size torchrun or srun started, or None when started from a shell."""
+    from r1mega.launch import under_launcher
+
+    if not under_launcher():
+        return None
+    env = os.environ
+    return int(env["WORLD_SIZE"] if "WORLD_SIZE" in env else env["SLURM_NTASKS"])
+
+
+def processes(args: argparse.Namespace, default: int) -> tuple[int, bool]:
+    """(world size of the job, whether this process must start it): ``--nproc`` or
+    ``default`` local processes from a shell; the launcher's under torchrun/srun."""
+    world = launcher_world_size()
+    if world is not None:
+        if args.nproc is not None and args.nproc != world:
+            raise ConfigError(f"--nproc {args.nproc} does not match the {world} process(es) "
+                              "the launcher started; drop --nproc under torchrun/srun")
+        return world, False
+    nproc = args.nproc if args.nproc is not None else default
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: need at least one process")
+    return nproc, nproc > 1
+
+
 def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from r1mega.launch import relaunch_local, under_launcher
 
-    nproc = args.nproc
     if not under_launcher():
         # Validate once in the parent so a bad config fails before any process starts.
         probe = load_config(args.config, args.overrides)
-        nproc = nproc or probe.launch.nproc_per_node
-        load_config(args.config, args.overrides, world_size=nproc)
+        world_size, spawn = processes(args, probe.launch.nproc_per_node)
+        load_config(args.config, args.overrides, world_size=world_size)
         if args.command in ("train", "sample"):  # the jobs that score responses
             _check_rewards(probe)
-        if nproc > 1:
-            child_argv = [a for a in argv if not a.startswith("--nproc")]
-            return relaunch_local(nproc, child_argv, port=None)
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", nproc or 1)))
+        if spawn:
+            return relaunch_local(world_size, list(argv), port=None)
+    else:
+        world_size, _ = processes(args, 1)
     cfg = load_config(args.config, args.overrides, world_size=world_size)
     import importlib
 
@@ -146,40 +194,41 @@ _SINGLE_PROCESS_LAYOUT = [
 
 
 def _checkpoint_dir(path_arg: str, command: str) -> object:
-    """The checkpoint step directory for ``path_arg`` (itself, or a save_dir's newest)."""
-    from pathlib import Path
+    """The checkpoint directory ``path_arg`` names (itself, or a save_dir's newest step),
+    which must hold the job config; None (reported) otherwise."""
+    from r1mega.checkpointing.paths import CONFIG, WeightSourceError, resolve_weight_source
 
-    from r1mega.checkpointing.train_state import CONFIG, find_latest_checkpoint
+    try:
+        source = resolve_weight_source(path_arg)
+    except WeightSourceError as err:
+        print(f"r1mega {command}: {err}", file=sys.stderr)
+        return None
+    if source.config_file is None:
+        print(f"r1mega {command}: {path_arg} holds no r1mega checkpoint ({CONFIG} missing)",
+              file=sys.stderr)
+        return None
+    return source.checkpoint
 
-    path = Path(path_arg)
-    if not (path / CONFIG).exists():
-        latest = find_latest_checkpoint(path)
-        if latest is None or not (latest / CONFIG).exists():
-            print(f"r1mega {command}: {path} holds no r1mega checkpoint ({CONFIG} missing)",
-                  file=sys.stderr)
-            return None
-        path = latest
-    return path
 
+def _checkpoint_config(args: argparse.Namespace, path: object) -> tuple[object, int, bool]:
+    """(the checkpoint's own config, world size, whether to start the processes here):
+    one process unless --nproc is given or a launcher started more."""
+    from r1mega.checkpointing.paths import CONFIG
 
-def _checkpoint_config(args: argparse.Namespace, path: object) -> tuple[object, int]:
-    """The checkpoint's own config, for one process unless --nproc is given."""
-    from r1mega.checkpointing.train_state import CONFIG
-
-    nproc = args.nproc or 1
+    world, spawn = processes(args, 1)
     overrides = ([] if args.nproc else _SINGLE_PROCESS_LAYOUT) + list(args.overrides)
-    return load_config(str(path / CONFIG), overrides, world_size=nproc), nproc
+    return load_config(str(path / CONFIG), overrides, world_size=world), world, spawn
 
 
 def _eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Evaluate a checkpoint; its config comes from the checkpoint directory."""
-    from r1mega.launch import relaunch_local, under_launcher
+    from r1mega.launch import relaunch_local
 
     path = _checkpoint_dir(args.checkpoint, "eval")
     if path is None:
         return 2
-    cfg, nproc = _checkpoint_config(args, path)
-    if not under_launcher() and nproc > 1:
+    cfg, nproc, spawn = _checkpoint_config(args, path)
+    if spawn:
         return relaunch_local(nproc, list(argv))
     from r1mega.evaluation import run_eval
 
@@ -190,7 +239,7 @@ def _eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Sample completions from a checkpoint with the rollout engine."""
-    from r1mega.launch import relaunch_local, under_launcher
+    from r1mega.launch import relaunch_local
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -202,8 +251,8 @@ def _generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     path = _checkpoint_dir(args.checkpoint, "generate")
     if path is None:
         return 2
-    cfg, nproc = _checkpoint_config(args, path)
-    if not under_launcher() and nproc > 1:
+    cfg, nproc, spawn = _checkpoint_config(args, path)
+    if spawn:
         return relaunch_local(nproc, list(argv))
     from r1mega.generation import run_generate
     from r1mega.rollout.types import SamplingParams
@@ -218,7 +267,7 @@ def _generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_dependencies()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command in JOB_ENTRIES:
             return _run_job(args, argv)

@@ -21,17 +21,14 @@ from typing import Any
 
 import torch.distributed as dist
 
-from parallel.layout import Layout, init_distributed, initialize_layout
-from parallel.platform import manual_seed
-from r1mega.checkpointing.model_io import load_model
+from parallel.layout import Layout
+from r1mega.bootstrap import start_job
 from r1mega.data.prompts import PromptDataset, PromptExample
 from r1mega.data.tasks import builtin_dataset, is_builtin
-from r1mega.data.tokenizers import build_tokenizer
 from r1mega.logging_utils import print_rank0
 from r1mega.rollout.colocated import generation_layout_for
 from r1mega.rollout.driver import Sampler, build_sampler, sample_groups, score
 from r1mega.rollout.types import SamplingParams
-from r1mega.training.policy import build_policy
 
 
 @dataclass
@@ -90,13 +87,8 @@ def _evaluate_rows(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[Pr
 def run_eval(cfg: Any, checkpoint: str, data: str | None, k: int, temperature: float,
              top_p: float, max_new_tokens: int | None, limit: int | None,
              batch_size: int, output: str | None) -> EvalResult:
-    env = init_distributed(default_port=cfg.launch.master_port)
-    layout = Layout.from_config(cfg.train_layout, env.world_size, name="train_layout")
-    initialize_layout(layout)
-    manual_seed(cfg.train.seed)
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
-    load_model(policy.chunks, checkpoint)
+    job, policy = start_job(cfg, checkpoint)
+    env, layout, tokenizer = job.env, job.layout, job.tokenizer
     sampler = build_sampler(generation_layout_for(cfg, env.world_size), policy, None,
                             tokenizer)
     examples = _examples(cfg, data, limit)

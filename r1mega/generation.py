@@ -13,26 +13,18 @@ from typing import Any
 
 import torch.distributed as dist
 
-from parallel.layout import Layout, init_distributed, initialize_layout
-from parallel.platform import manual_seed
-from r1mega.checkpointing.model_io import load_model
+from r1mega.bootstrap import start_job
 from r1mega.data.templates import apply_template
-from r1mega.data.tokenizers import build_tokenizer
 from r1mega.rollout.colocated import generation_layout_for
 from r1mega.rollout.driver import build_sampler, request_seed
 from r1mega.rollout.types import SamplingParams
-from r1mega.training.policy import build_policy
 
 
 def run_generate(cfg: Any, checkpoint: str, prompts: list[str], n: int, params: SamplingParams,
                  template: str, seed: int, output: str | None) -> list[dict[str, Any]]:
     """``n`` completions per prompt; rank 0 prints them (and writes JSONL to ``output``)."""
-    env = init_distributed(default_port=cfg.launch.master_port)
-    initialize_layout(Layout.from_config(cfg.train_layout, env.world_size, name="train_layout"))
-    manual_seed(seed)
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
-    load_model(policy.chunks, checkpoint)
+    job, policy = start_job(cfg, checkpoint, seed=seed)
+    env, tokenizer = job.env, job.tokenizer
     sampler = build_sampler(generation_layout_for(cfg, env.world_size), policy, None, tokenizer)
     rows = [p for p in prompts for _ in range(n)]
     ids = [tokenizer.encode(apply_template(template, p, tokenizer)) for p in rows]

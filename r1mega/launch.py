@@ -51,7 +51,9 @@ def relaunch_local(nproc: int, argv: list[str], port: int | None = None) -> int:
         "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1",
         "--master-port", str(port or free_port()),
-        "--module", "r1mega.cli", *argv,
+        # "--": the job's own arguments are never parsed as the launcher's (its
+        # prefix matching reads --nproc or --n as ambiguous abbreviations of its own).
+        "--module", "r1mega.cli", "--", *argv,
     ]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from parallel.layout import Layout, init_distributed, initialize_layout
-from parallel.platform import manual_seed
-from r1mega.checkpointing.model_io import load_model, resolve_weights
+from parallel.layout import Layout
+from r1mega.bootstrap import Job
 from r1mega.checkpointing.train_state import (
     find_latest_checkpoint,
     load_checkpoint,
@@ -32,7 +31,6 @@ from r1mega.checkpointing.train_state import (
 from r1mega.data.prompts import PromptExample, PromptSampler, load_prompt_dataset
 from r1mega.data.sources import MixedPromptSampler, Source, load_source_examples
 from r1mega.data.tasks import builtin_dataset, is_builtin
-from r1mega.data.tokenizers import build_model_tokenizer
 from r1mega.logging_utils import print_rank0
 from r1mega.monitoring.memory import phase_peak_gib, start_phase
 from r1mega.monitoring.wandb_logger import WandbMonitor
@@ -42,7 +40,6 @@ from r1mega.rollout.driver import Sampler, build_sampler, sample_groups, score
 from r1mega.rollout.types import SamplingParams
 from r1mega.training.grpo_step import grpo_step
 from r1mega.training.optim import build_lr_scheduler, build_optimizer
-from r1mega.training.policy import build_policy
 from r1mega.training.reference import ReferencePolicy
 
 
@@ -95,19 +92,12 @@ def _build_reward_fn(cfg: Any) -> Any:
 def run_training(cfg: Any) -> list[StepRecord]:
     """Entry point of every rank for `r1mega train`."""
     preemption = PreemptionHandler().install()
-    env = init_distributed(default_port=cfg.launch.master_port)
-    layout = Layout.from_config(cfg.train_layout, env.world_size, name="train_layout")
-    initialize_layout(layout)
-    manual_seed(cfg.train.seed)
-    print_rank0(f"[r1mega] {env.world_size} process(es) via {env.launcher}; "
-                f"train layout {layout.describe()}; model {cfg.model.arch} "
-                f"({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size})")
-    tokenizer = build_model_tokenizer(cfg)
-    policy = build_policy(cfg.model, cfg.train_layout, cfg.precision, cfg.train.recompute,
-                          use_distributed_optimizer=cfg.train.use_distributed_optimizer)
-    weights = initial_weights(cfg)
-    if weights:
-        load_model(policy.chunks, weights)
+    job = Job(cfg)
+    layout = job.layout
+    print_rank0(job.describe())
+    tokenizer = job.tokenizer
+    policy = job.build_policy(training=True)
+    job.load_weights(policy, cfg.checkpoint.load)
     reference = ReferencePolicy(policy)  # the initial weights, before any resume
     optimizer = build_optimizer(policy, cfg.train, cfg.precision)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
@@ -145,25 +135,6 @@ def run_training(cfg: Any) -> list[StepRecord]:
         monitor.finish()
     dist.barrier()
     return history
-
-
-WARM_START = "warm_start:"
-
-
-def initial_weights(cfg: Any) -> str | None:
-    """Where the policy's starting weights come from (``checkpoint.load``): a checkpoint
-    directory or a run's ``save_dir`` (:func:`resolve_weights`), or ``warm_start:DIR``,
-    the tiny base model that :mod:`r1mega.pretrain` trains for the built-in task and
-    caches in DIR (trained on first use, about three CPU minutes; collective)."""
-    load = cfg.checkpoint.load
-    if not load:
-        return None
-    if load.startswith(WARM_START):
-        from r1mega.pretrain import ensure_base_model
-
-        print_rank0(f"[r1mega] base model: {load} (pretrained on first use, then cached)")
-        return ensure_base_model(cfg, load[len(WARM_START):])
-    return resolve_weights(load)
 
 
 def _maybe_inject_fault(step: int) -> None:

@@ -3,7 +3,8 @@
 A distributed checkpoint stores every tensor under a global key with its global shape,
 so a checkpoint written at one layout (TP/PP/EP/DP) loads at any other: each rank reads
 exactly the slices its ``sharded_state_dict`` asks for. This is how converted Hugging
-Face weights enter the trainer, and how tests give every layout the same weights.
+Face weights enter the trainer, and how tests give every layout the same weights. Which
+directory a user's path means is :mod:`r1mega.checkpointing.paths`' business.
 """
 
 from __future__ import annotations
@@ -36,22 +37,6 @@ def save_model(chunks: Iterable[torch.nn.Module], directory: str) -> None:
 
     os.makedirs(directory, exist_ok=True)
     dist_checkpointing.save(model_sharded_state_dict(chunks), directory)
-
-
-def resolve_weights(path: str) -> str:
-    """The checkpoint directory ``path`` names: itself when it holds a checkpoint (converted
-    weights, or one step of a training run), else the newest complete step of the run
-    whose ``checkpoint.save_dir`` it is. Lets one stage's ``save_dir`` be the next stage's
-    ``checkpoint.load``."""
-    from r1mega.checkpointing.train_state import find_latest_checkpoint
-
-    if os.path.exists(os.path.join(path, "metadata.json")):
-        return path
-    latest = find_latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (no metadata.json, and no "
-                                "complete step_* directory of a training run)")
-    return str(latest)
 
 
 def load_model(chunks: Iterable[torch.nn.Module], directory: str, strict: bool = True) -> None:

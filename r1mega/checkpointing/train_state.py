@@ -8,7 +8,9 @@ Layout on disk (one directory per saved step under ``checkpoint.save_dir``)::
 
 A checkpoint is written into ``step_XXXXXXXX.partial`` and renamed only after every rank
 has finished writing, then ``latest`` is replaced atomically; a job killed mid-save
-leaves a ``.partial`` directory that :func:`find_latest_checkpoint` never picks.
+leaves a ``.partial`` directory that :func:`find_latest_checkpoint` never picks. The
+names of this layout, and finding a run's newest step, live in the torch-free
+:mod:`r1mega.checkpointing.paths` (re-exported here).
 
 The model and optimizer states are sharded tensors. The LR scheduler and
 the trainer's own state (step, data sampler position) are identical on all ranks and
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,29 +29,24 @@ import torch
 import torch.distributed as dist
 
 from r1mega.checkpointing.model_io import model_sharded_state_dict
+from r1mega.checkpointing.paths import (
+    CONFIG,
+    LATEST,
+    META,
+    complete_steps,
+    find_latest_checkpoint,
+    step_dir,
+)
 from r1mega.training.policy import Policy
 from r1mega.utils.process import die_with_parent
 
-META = "r1mega_meta.json"
-CONFIG = "r1mega_config.yaml"
+__all__ = ["CONFIG", "LATEST", "META", "find_latest_checkpoint", "load_checkpoint",
+           "save_checkpoint", "step_dir"]
+
 # Each rank writes its own optimizer-state buckets in parallel, no gather (megatron-core
 # 0.19.2 refuses the parameter-space format for flattened shards). Optimizer state then
 # reloads at the same TP/PP/EP layout (any DP for the model); weights load at any layout.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-LATEST = "latest"
-
-
-_STEP_DIR = re.compile(r"step_\d{8}")
-
-
-def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
-
-
-def _complete_steps(root: Path) -> list[Path]:
-    """Finished step directories, oldest first (``.partial`` ones never count)."""
-    return sorted(p for p in root.glob("step_*")
-                  if _STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / META).exists())
 
 
 def _rng_sharded_object(is_loading: bool) -> Any:
@@ -140,22 +136,8 @@ def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    for old in _complete_steps(root)[:-keep_last]:
+    for old in complete_steps(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def find_latest_checkpoint(root: str | Path | None) -> Path | None:
-    """The newest complete checkpoint under ``root`` (never a partial one), or None."""
-    if root is None or not Path(root).is_dir():
-        return None
-    root = Path(root)
-    latest = root / LATEST
-    if latest.exists():
-        candidate = root / latest.read_text().strip()
-        if _STEP_DIR.fullmatch(candidate.name) and (candidate / META).exists():
-            return candidate
-    complete = _complete_steps(root)
-    return complete[-1] if complete else None
 
 
 def _init_empty_adam_state(optimizer: Any) -> None:

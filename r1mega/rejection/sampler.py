@@ -23,8 +23,8 @@ from typing import Any
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from parallel.layout import Layout, init_distributed, initialize_layout
-from parallel.platform import manual_seed
+from r1mega.bootstrap import Job, weight_source
+from r1mega.checkpointing.paths import WeightSource
 from r1mega.config.validate import ConfigError
 from r1mega.data.templates import apply_template
 from r1mega.logging_utils import print_rank0
@@ -43,14 +43,13 @@ from r1mega.rejection.store import PromptOutcome, SampleStore, StoreError
 from r1mega.rollout.types import SamplingParams
 
 
-def resolve_weights(load: str | None) -> Path | None:
-    """The weights ``checkpoint.load`` names, as an absolute path (an RL run's
-    ``save_dir`` means its newest complete step); ``None`` when unset."""
-    if not load:
+def manifest_weights(source: WeightSource | None) -> Path | None:
+    """The weights a run samples from, as an absolute path for its manifest: the
+    checkpoint (an RL run's ``save_dir`` means its newest complete step), or the model
+    directory the job converts or pretrains first; ``None`` without weights."""
+    if source is None:
         return None
-    from r1mega.checkpointing.model_io import resolve_weights as resolve
-
-    return Path(resolve(str(load))).absolute()
+    return (source.checkpoint or source.path).absolute()
 
 
 def manifest(cfg: Any, prompts: Sequence[SamplingPrompt], weights: Path | None
@@ -120,24 +119,20 @@ def _generate(cfg: Any, sampler: Any, tokenizer: Any, batch: Sequence[SamplingPr
     return sampler.generate(rows, params, seeds, list(cfg.rollout.stop), tokenizer.decode)
 
 
-def _build_generation(cfg: Any, world_size: int, weights: Path | None) -> tuple[Any, Any]:
+def _build_generation(job: Job, source: WeightSource | None) -> tuple[Any, Any]:
     """The tokenizer and the rollout sampler over the policy's weights (collective)."""
-    from r1mega.checkpointing.model_io import load_model
-    from r1mega.data.tokenizers import build_model_tokenizer
     from r1mega.rollout.colocated import generation_layout_for
     from r1mega.rollout.driver import build_sampler
-    from r1mega.training.policy import build_policy
 
-    tokenizer = build_model_tokenizer(cfg)
-    manual_seed(cfg.train.seed)
-    policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
-    if weights is not None:
-        load_model(policy.chunks, str(weights))
-    else:
+    cfg = job.cfg
+    tokenizer = job.tokenizer
+    policy = job.build_policy()
+    if job.load_weights(policy, source) is None:
         print_rank0("[r1mega sample] WARNING: checkpoint.load is not set; sampling from the "
                     f"randomly initialised policy (train.seed={cfg.train.seed}): a smoke "
                     "test, not data worth training on")
-    sampler = build_sampler(generation_layout_for(cfg, world_size), policy, None, tokenizer)
+    sampler = build_sampler(generation_layout_for(cfg, job.env.world_size), policy, None,
+                            tokenizer)
     return tokenizer, sampler
 
 
@@ -150,12 +145,12 @@ def run_sampling(cfg: Any, reward_model: RewardModelScorer | None = None
     if not cfg.sample.output_dir:
         raise ConfigError("sample.output_dir is not set: r1mega sample needs a directory for "
                           "dataset.jsonl and stats.json (e.g. sample.output_dir=runs/sample)")
-    env = init_distributed(default_port=cfg.launch.master_port)
-    initialize_layout(Layout.from_config(cfg.train_layout, env.world_size, name="train_layout"))
-    rank0 = env.rank == 0
+    job = Job(cfg)
+    rank0 = job.env.rank == 0
     prompts = load_prompts(cfg)
     check_reward_model(cfg, reward_model)
-    weights = resolve_weights(cfg.checkpoint.load)
+    source = weight_source(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    weights = manifest_weights(source)
     tally = SampleStats(len(prompts))
     store, done = _open_store(cfg, prompts, weights, tally)
     remaining = [p for p in prompts if p.index not in done]
@@ -170,7 +165,7 @@ def run_sampling(cfg: Any, reward_model: RewardModelScorer | None = None
         dist.barrier()
         return stats
 
-    tokenizer, sampler = _build_generation(cfg, env.world_size, weights)
+    tokenizer, sampler = _build_generation(job, source)
     scorer_model = resolve_reward_model(cfg, reward_model, tokenizer)
     rules = None
     if rank0 and any(p.kind == RULES for p in remaining):

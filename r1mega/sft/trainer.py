@@ -22,16 +22,14 @@ from typing import Any
 
 import torch.distributed as dist
 
-from parallel.layout import Layout, init_distributed, initialize_layout
-from parallel.platform import manual_seed
-from r1mega.checkpointing.model_io import load_model
+from parallel.layout import Layout
+from r1mega.bootstrap import Job
 from r1mega.checkpointing.train_state import (
     find_latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from r1mega.data.prompts import PromptSampler
-from r1mega.data.tokenizers import build_model_tokenizer
 from r1mega.logging_utils import print_rank0
 from r1mega.monitoring.wandb_logger import WandbMonitor
 from r1mega.preemption import PreemptionHandler, finish_step
@@ -39,9 +37,8 @@ from r1mega.sft.batching import step_batch
 from r1mega.sft.data import SFTDataReport, SFTExample, load_sft_examples
 from r1mega.sft.provenance import read_provenance
 from r1mega.sft.step import sft_step
-from r1mega.trainer import initial_weights
 from r1mega.training.optim import build_lr_scheduler, build_optimizer
-from r1mega.training.policy import Policy, build_policy
+from r1mega.training.policy import Policy
 
 STAGES = ("sft", "distill")
 
@@ -102,31 +99,28 @@ def _report_provenance(data_path: str, template: str) -> None:
         print_rank0(f"[r1mega] {line}")
 
 
-def _load_data(cfg: Any, stage: str) -> tuple[Any, list[SFTExample], SFTDataReport]:
+def _load_data(cfg: Any, stage: str, job: Job) -> tuple[Any, list[SFTExample], SFTDataReport]:
     if not cfg.sft.train_path:
         raise ValueError(f"r1mega {stage} needs sft.train_path (a JSONL/Parquet file of "
                          f"{cfg.sft.prompt_field}/{cfg.sft.response_field} rows)")
     if stage == "distill":
         _report_provenance(cfg.sft.train_path, cfg.data.template)
-    tokenizer = build_model_tokenizer(cfg)
+    tokenizer = job.tokenizer
     examples, report = load_sft_examples(cfg, tokenizer)
     for line in report.lines():
         print_rank0(f"[r1mega] {line}")
     return tokenizer, examples, report
 
 
-def _start(cfg: Any, policy: Policy, optimizer: Any, scheduler: Any,
+def _start(job: Job, policy: Policy, optimizer: Any, scheduler: Any,
            sampler: PromptSampler) -> int:
     """The first step to run: after the newest complete checkpoint (restoring model,
     optimizer, schedule, RNG and row position), else 1 with ``checkpoint.load``'s
-    weights (if any; resolved as RL resolves them: a checkpoint, a run's save_dir, or
-    ``warm_start:DIR``)."""
+    weights (if any; any kind of weights path, as for RL)."""
+    cfg = job.cfg
     latest = find_latest_checkpoint(cfg.checkpoint.save_dir)
     if latest is None:
-        weights = initial_weights(cfg)
-        if weights is not None:
-            load_model(policy.chunks, weights)
-            print_rank0(f"[r1mega] initial weights from {weights}")
+        job.load_weights(policy, cfg.checkpoint.load)
         return 1
     state = load_checkpoint(latest, policy, optimizer, scheduler)
     if "sampler" not in state:
@@ -146,27 +140,22 @@ def train_sft(cfg: Any, stage: str = "sft") -> list[SFTStepRecord]:
     if stage not in STAGES:
         raise ValueError(f"unknown SFT stage {stage!r}: expected one of {STAGES}")
     preemption = PreemptionHandler().install()
-    env = init_distributed(default_port=cfg.launch.master_port)
-    layout = Layout.from_config(cfg.train_layout, env.world_size, name="train_layout")
-    if layout.cp > 1:
+    if cfg.train_layout.cp > 1:
         raise ValueError("SFT does not split sequences over context parallelism: set "
                          "train_layout.cp=1")
-    initialize_layout(layout)
-    manual_seed(cfg.train.seed)
-    print_rank0(f"[r1mega] {env.world_size} process(es) via {env.launcher}; train layout "
-                f"{layout.describe()}; model {cfg.model.arch} ({cfg.model.num_layers} "
-                f"layers, hidden {cfg.model.hidden_size})")
+    job = Job(cfg)
+    layout = job.layout
+    print_rank0(job.describe())
     print_rank0(_banner(cfg, stage, layout))
-    tokenizer, examples, report = _load_data(cfg, stage)
+    tokenizer, examples, report = _load_data(cfg, stage, job)
     plan = SFTPlan(len(examples), cfg.sft.epochs, cfg.train.global_batch_size)
-    policy = build_policy(cfg.model, cfg.train_layout, cfg.precision, cfg.train.recompute,
-                          use_distributed_optimizer=cfg.train.use_distributed_optimizer)
+    policy = job.build_policy(training=True)
     optimizer = build_optimizer(policy, cfg.train, cfg.precision)
     scheduler = build_lr_scheduler(optimizer,
                                    OmegaConf.merge(cfg.train, {"steps": plan.total_steps}))
     sampler = PromptSampler(examples, batch_size=cfg.train.global_batch_size,
                             seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    start_step = _start(cfg, policy, optimizer, scheduler, sampler)
+    start_step = _start(job, policy, optimizer, scheduler, sampler)
     last_step = min(cfg.train.steps, plan.total_steps)
     layout_kind = (f"packed into sequences of <= {cfg.train.seq_length} tokens"
                    if cfg.sft.pack_sequences else
