@@ -5,7 +5,9 @@ evaluation, generation and rejection sampling all begin the same way: join the j
 process group (torchrun, srun or one plain process), build megatron's process groups for
 ``train_layout``, seed, build the tokenizer (refused when it has more tokens than the
 model's embedding has rows), build this rank's stage of the policy and load its initial
-weights from whatever kind of path names them (:mod:`r1mega.checkpointing.paths`).
+weights from whatever kind of path names them (:mod:`r1mega.checkpointing.paths`): a
+Hugging Face directory is converted once into a cache first
+(:mod:`r1mega.checkpointing.hf_cache`), a warm start's base model pretrained once.
 :class:`Job` is that sequence, in the spirit of torchtitan's trainer set-up: each step
 is one method, so a job that must interleave its own work (SFT reads its data with the
 tokenizer before it builds the model; rejection sampling opens its output directory
@@ -20,6 +22,7 @@ from typing import Any
 
 from parallel.layout import Layout, init_distributed, initialize_layout
 from parallel.platform import manual_seed
+from r1mega.checkpointing.hf_cache import converted_hf_model
 from r1mega.checkpointing.paths import (
     SourceKind,
     WeightSource,
@@ -83,10 +86,11 @@ class Job:
             print_rank0(f"[r1mega] base model: {source.spec} (pretrained on first use, "
                         "then cached)")
             return Path(ensure_base_model(self.cfg, source.path))
-        if source.checkpoint is None:
-            raise WeightSourceError(
-                f"{source.spec} is a Hugging Face model directory: convert it first with "
-                f"`r1mega convert hf-to-megatron {source.spec} OUT_DIR`")
+        if source.kind is SourceKind.HF:
+            # Whichever rank takes the cache's lock first converts, and says so.
+            return converted_hf_model(self.cfg, source,
+                                      log=lambda line: print(line, flush=True))
+        assert source.checkpoint is not None
         return source.checkpoint
 
     def load_weights(self, policy: Policy, spec: str | Path | WeightSource | None,
@@ -101,7 +105,8 @@ class Job:
         source = spec if isinstance(spec, WeightSource) else weight_source(spec, key)
         checkpoint = self.checkpoint_of(source)
         load_model(policy.chunks, str(checkpoint))
-        print_rank0(f"[r1mega] initial weights from {checkpoint}")
+        origin = f" (converted from {source.path})" if source.kind is SourceKind.HF else ""
+        print_rank0(f"[r1mega] initial weights from {checkpoint}{origin}")
         return checkpoint
 
 

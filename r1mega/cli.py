@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from r1mega.config import ConfigError, load_config
 from r1mega.convert.cli import add_convert_parser, run_convert
+from r1mega.convert.errors import ConversionError
 from r1mega.planner.report import add_plan_arguments, run_plan
 
 #: Multi-process jobs run from a config: command -> help; every rank calls the entry point.
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(plan)
     add_convert_parser(sub)
     gen = sub.add_parser("generate", help="sample completions from a checkpoint")
-    gen.add_argument("checkpoint", help="a checkpoint step directory, or a save_dir (latest)")
+    gen.add_argument("checkpoint", help="a run's save_dir (newest step), a step directory, a "
+                     "converted checkpoint or a Hugging Face model directory")
     gen.add_argument("overrides", nargs="*", metavar="key=value",
                      help="config overrides (e.g. layouts when --nproc > 1)")
     gen.add_argument("--prompt", action="append", default=[],
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nproc", type=int, default=None,
                      help="local processes (default 1; under torchrun/srun: the launcher's)")
     ev = sub.add_parser("eval", help="evaluate a checkpoint (pass@1 over k samples, greedy)")
-    ev.add_argument("checkpoint", help="a checkpoint step directory, or a save_dir (latest)")
+    ev.add_argument("checkpoint", help="a run's save_dir (newest step), a step directory, a "
+                    "converted checkpoint or a Hugging Face model directory")
     ev.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides (e.g. layouts when --nproc > 1)")
     ev.add_argument("--data", default=None, help="JSONL/Parquet file or builtin:<task> "
@@ -153,6 +156,9 @@ def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         load_config(args.config, args.overrides, world_size=world_size)
         if args.command in ("train", "sample"):  # the jobs that score responses
             _check_rewards(probe)
+        from r1mega.checkpointing.hf_cache import prepare_weights
+
+        prepare_weights(probe)  # an HF checkpoint.load: converted once, before the ranks
         if spawn:
             return relaunch_local(world_size, list(argv), port=None)
     else:
@@ -193,46 +199,64 @@ _SINGLE_PROCESS_LAYOUT = [
 ] + ["launch.nproc_per_node=1"]
 
 
-def _checkpoint_dir(path_arg: str, command: str) -> object:
-    """The checkpoint directory ``path_arg`` names (itself, or a save_dir's newest step),
-    which must hold the job config; None (reported) otherwise."""
-    from r1mega.checkpointing.paths import CONFIG, WeightSourceError, resolve_weight_source
+def _checkpoint_job(path_arg: str, command: str) -> tuple[object, str] | None:
+    """(the job config to start from, the weights to load) for ``r1mega eval|generate
+    PATH``: a run (its newest step) or one step with the config it was trained with; a
+    converted checkpoint or a Hugging Face directory with the config its files make
+    (:func:`~r1mega.config.from_weights.model_directory_config`). None (reported) when
+    ``path_arg`` is none of these."""
+    from r1mega.checkpointing.paths import (
+        CONFIG,
+        MODEL_CONFIG,
+        SourceKind,
+        WeightSourceError,
+        resolve_weight_source,
+    )
+    from r1mega.config.from_weights import model_directory_config
 
     try:
         source = resolve_weight_source(path_arg)
     except WeightSourceError as err:
         print(f"r1mega {command}: {err}", file=sys.stderr)
         return None
-    if source.config_file is None:
-        print(f"r1mega {command}: {path_arg} holds no r1mega checkpoint ({CONFIG} missing)",
-              file=sys.stderr)
-        return None
-    return source.checkpoint
+    if source.config_file is not None:
+        return source.config_file, str(source.checkpoint)
+    if source.kind is SourceKind.HF or (source.path / MODEL_CONFIG).is_file():
+        return model_directory_config(source.path), path_arg
+    print(f"r1mega {command}: {path_arg} holds no r1mega checkpoint ({CONFIG} missing, and "
+          f"no model description: {MODEL_CONFIG} or config.json)", file=sys.stderr)
+    return None
 
 
-def _checkpoint_config(args: argparse.Namespace, path: object) -> tuple[object, int, bool]:
-    """(the checkpoint's own config, world size, whether to start the processes here):
-    one process unless --nproc is given or a launcher started more."""
-    from r1mega.checkpointing.paths import CONFIG
+def _checkpoint_config(args: argparse.Namespace, base: object, weights: str
+                       ) -> tuple[object, int, bool]:
+    """(the config of an eval/generate job on ``weights``, world size, whether to start
+    the processes here): one process unless --nproc is given or a launcher started
+    more. An HF directory is converted here, before any rank starts."""
+    from r1mega.checkpointing.hf_cache import prepare_weights
 
     world, spawn = processes(args, 1)
-    overrides = ([] if args.nproc else _SINGLE_PROCESS_LAYOUT) + list(args.overrides)
-    return load_config(str(path / CONFIG), overrides, world_size=world), world, spawn
+    overrides = ([f"checkpoint.load={weights}"] + ([] if args.nproc else _SINGLE_PROCESS_LAYOUT)
+                 + list(args.overrides))
+    cfg = load_config(base, overrides, world_size=world)
+    if launcher_world_size() is None:
+        prepare_weights(cfg)
+    return cfg, world, spawn
 
 
 def _eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Evaluate a checkpoint; its config comes from the checkpoint directory."""
     from r1mega.launch import relaunch_local
 
-    path = _checkpoint_dir(args.checkpoint, "eval")
-    if path is None:
+    job = _checkpoint_job(args.checkpoint, "eval")
+    if job is None:
         return 2
-    cfg, nproc, spawn = _checkpoint_config(args, path)
+    cfg, nproc, spawn = _checkpoint_config(args, *job)
     if spawn:
         return relaunch_local(nproc, list(argv))
     from r1mega.evaluation import run_eval
 
-    run_eval(cfg, str(path), args.data, args.k, args.temperature, args.top_p,
+    run_eval(cfg, job[1], args.data, args.k, args.temperature, args.top_p,
              args.max_new_tokens, args.limit, args.batch_size, args.output)
     return 0
 
@@ -248,10 +272,10 @@ def _generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not prompts:
         print("r1mega generate: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
         return 2
-    path = _checkpoint_dir(args.checkpoint, "generate")
-    if path is None:
+    job = _checkpoint_job(args.checkpoint, "generate")
+    if job is None:
         return 2
-    cfg, nproc, spawn = _checkpoint_config(args, path)
+    cfg, nproc, spawn = _checkpoint_config(args, *job)
     if spawn:
         return relaunch_local(nproc, list(argv))
     from r1mega.generation import run_generate
@@ -259,7 +283,7 @@ def _generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens or cfg.rollout.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    run_generate(cfg, str(path), prompts, args.n, params, args.template or cfg.data.template,
+    run_generate(cfg, job[1], prompts, args.n, params, args.template or cfg.data.template,
                  args.seed, args.output)
     return 0
 
@@ -280,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_plan(args)
     except ConfigError as err:
         print(f"r1mega: invalid configuration:\n{err}", file=sys.stderr)
+        return 2
+    except ConversionError as err:
+        print(f"r1mega: {err}", file=sys.stderr)
         return 2
 
 

@@ -33,8 +33,9 @@ def run_generate(cfg: Any, checkpoint: str, prompts: list[str], n: int, params: 
     samples = sampler.generate(ids, params, [request_seed(seed, 0, i) for i in range(len(rows))],
                                list(cfg.rollout.stop), tokenizer.decode)
     records = [{"prompt": p, "completion": tokenizer.decode(s.response_ids),
-                "tokens": len(s.response_ids), "stop_reason": s.stop_reason}
-               for p, s in zip(rows, samples, strict=True)]
+                "tokens": len(s.response_ids), "stop_reason": s.stop_reason,
+                "prompt_ids": list(prompt_ids), "completion_ids": list(s.response_ids)}
+               for p, prompt_ids, s in zip(rows, ids, samples, strict=True)]
     if env.rank == 0:
         for i, record in enumerate(records):
             print(f"--- [{i // n}.{i % n}] {record['tokens']} tokens, "

@@ -160,3 +160,13 @@ def test_launcher_never_parses_the_jobs_arguments() -> None:
         torchrun_args(["--nproc-per-node", "2", "--module", "r1mega.cli", *argv])
     parsed = torchrun_args(["--nproc-per-node", "2", "--module", "r1mega.cli", "--", *argv])
     assert parsed.training_script_args == argv
+def test_checkpoint_load_is_checked_before_launch_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"checkpoint.load={tmp_path}/nowhere: .*does not "
+                       "exist"):
+        load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"checkpoint.load={tmp_path}/nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="checkpoint.load=.*holds no r1mega checkpoint or "
+                       "model"):
+        load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"checkpoint.load={tmp_path}/empty"])
+
+

@@ -37,6 +37,7 @@ from pathlib import Path
 
 META = "r1mega_meta.json"  # written last into a step directory: it is complete
 CONFIG = "r1mega_config.yaml"  # the job config stored beside the weights
+MODEL_CONFIG = "r1mega_model.yaml"  # a converted model's ModelConfig (``model:`` section)
 LATEST = "latest"  # names the newest complete step directory of a run
 MEGATRON_METADATA = "metadata.json"  # every megatron distributed checkpoint has it
 HF_CONFIG = "config.json"
@@ -155,7 +156,7 @@ def resolve_weight_source(spec: str | Path) -> WeightSource:
 
 
 __all__ = [
-    "CONFIG", "HF_CONFIG", "HF_WEIGHT_FILES", "LATEST", "META", "MEGATRON_METADATA",
+    "CONFIG", "HF_CONFIG", "HF_WEIGHT_FILES", "LATEST", "META", "MEGATRON_METADATA", "MODEL_CONFIG",
     "WARM_START", "SourceKind", "WeightSource", "WeightSourceError", "complete_steps",
     "find_latest_checkpoint", "is_hf_model_dir", "is_megatron_checkpoint",
     "not_weights_message", "resolve_weight_source", "step_dir",

@@ -24,7 +24,7 @@ import difflib
 import os
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, cast
 
@@ -210,14 +210,15 @@ def _merge(cfg: DictConfig, raw: dict[Any, Any], source: str) -> DictConfig:
 
 
 def load_config(
-    paths: PathLike | Sequence[PathLike],
+    paths: PathLike | Mapping[str, Any] | Sequence[PathLike | Mapping[str, Any]],
     overrides: Sequence[str] = (),
     world_size: int | None = None,
 ) -> R1MegaConfig:
     """Build, check and freeze the job config.
 
     Args:
-        paths: one YAML file or several, merged in order (later files win).
+        paths: one YAML file or several, merged in order (later files win); a mapping
+            stands for a YAML file's contents.
         overrides: ``dotted.key=value`` strings applied last, values parsed as YAML
             (``train.lr=1e-5``, ``precision.fp8=null``, ``train_layout.pp_layers=[3,2]``).
             Lists are replaced whole; there is no per-index override.
@@ -231,11 +232,14 @@ def load_config(
         ConfigError: unknown key, wrong type, missing required value, missing or
             malformed YAML file, malformed override, or a cross-field violation.
     """
-    if isinstance(paths, (str, os.PathLike)):
+    if isinstance(paths, (str, os.PathLike, Mapping)):
         paths = [paths]
     cfg = OmegaConf.structured(R1MegaConfig)
     for path in paths:
-        for source, raw in load_yaml_chain(path):
+        # A mapping is a config made in memory (the job config of a model directory).
+        chain = [("model directory config", dict(path))] if isinstance(path, Mapping) \
+            else load_yaml_chain(path)
+        for source, raw in chain:
             cfg = _merge(cfg, raw, source)
     for override in overrides:
         cfg = _merge(cfg, _parse_override(override), f"override {override!r}")
@@ -244,12 +248,19 @@ def load_config(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err, "interpolation")) from None
+    # checkpoint.load must name weights; a model directory also fixes model/tokenizer.
+    from r1mega.config.from_weights import apply_weights
+
+    apply_weights(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
             "missing required value(s): "
             + ", ".join(missing)
-            + " (set them in a YAML file or as key=value overrides)",
+            + " (set them in a YAML file or as key=value overrides"
+            + ("; or point checkpoint.load at a Hugging Face model directory, whose "
+               "config.json describes the model)" if any(k.startswith("model.")
+                                                          for k in missing) else ")"),
             [f"{key} is required" for key in missing],
         )
 

@@ -281,7 +281,13 @@ class TokenizerConfig:
 
 @dataclass
 class CheckpointConfig:
-    load: str | None = None  # initial weights (a megatron distributed checkpoint)
+    # Initial weights: a run's save_dir, one of its steps, a converted checkpoint, a
+    # Hugging Face model directory (model and tokenizer then come from it) or
+    # warm_start:DIR (see r1mega.checkpointing.paths).
+    load: str | None = None
+    # Where Hugging Face directories are converted (null: <save_dir>/hf_cache, else
+    # $R1MEGA_CACHE_DIR or ~/.cache/r1mega/hf); share one between runs to convert once.
+    hf_cache_dir: str | None = None
     save_dir: str | None = None
     save_interval: int = 0  # steps; 0 = only at the end
     keep_last: int = 2

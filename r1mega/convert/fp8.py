@@ -10,6 +10,8 @@ PyTorch; the converter then casts the bfloat16 result to the target dtype.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -50,3 +52,20 @@ def weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor,
         scale = scale.repeat_interleave(block[1], dim=1)[:, :cols]
         out[r0:r1] = weight[r0:r1].float() * scale
     return out
+
+
+# The decoder layers' linear weights (attention projections, dense, shared and routed
+# expert MLPs): what DeepSeek-V3's release stores in FP8. Embeddings, the output head,
+# norms, the router and MTP's eh_proj stay bfloat16.
+_RELEASE_FP8 = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\..*_proj\.weight")
+
+
+def is_release_fp8_weight(name: str) -> bool:
+    """Whether DeepSeek-V3's FP8 release stores HF tensor ``name`` block-quantized."""
+    return _RELEASE_FP8.fullmatch(name) is not None
+
+
+def quantization_config(block: tuple[int, int] = DEFAULT_BLOCK) -> dict[str, object]:
+    """The release's ``config.json`` ``quantization_config`` for ``block``-sized scales."""
+    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "weight_block_size": list(block)}

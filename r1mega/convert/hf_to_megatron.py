@@ -8,7 +8,9 @@ directory is created. The original ``config.json`` (as ``hf_config.json``), the 
 tensors' dtypes (``hf_dtypes.json``), the ModelConfig (``r1mega_model.yaml``, a
 ``model:`` section usable as a training-config default) and the tokenizer files are
 stored next to the weights, so the checkpoint converts back to the same HF files
-without further arguments.
+without further arguments, and ``r1mega_config.yaml`` (a complete job config: model,
+tokenizer, precision, template and ``generation_config.json``'s sampling defaults), so
+every command takes the directory as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from r1mega.checkpointing.paths import CONFIG, MODEL_CONFIG
+from r1mega.config.from_weights import TOKENIZER_FILES, has_tokenizer, model_directory_config
 from r1mega.config.schema import ModelConfig
 from r1mega.convert.checks import check_mapping, check_tensors, expected_hf_shapes
 from r1mega.convert.errors import ConversionError
@@ -34,7 +38,7 @@ from r1mega.convert.megatron_writer import write_megatron_checkpoint
 
 HF_CONFIG_NAME = "hf_config.json"
 HF_DTYPES_NAME = "hf_dtypes.json"
-MODEL_CONFIG_NAME = "r1mega_model.yaml"
+MODEL_CONFIG_NAME = MODEL_CONFIG
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -117,8 +121,15 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str |
     tensors = reader.tensors()
     found = {name: info.shape for name, info in tensors.items()}
     expected = expected_hf_shapes(groups, layout)
-    check_tensors(found, expected, f"HF checkpoint {hf_dir}",
-                  _ignorable(reader.config, model_cfg, list(found)))
+    try:
+        check_tensors(found, expected, f"HF checkpoint {hf_dir}",
+                      _ignorable(reader.config, model_cfg, list(found)))
+    except ConversionError as err:
+        raise ConversionError(f"{err}{_mtp_hint(reader.config, model_cfg, found)}") from None
+    if not has_tokenizer(Path(hf_dir)):
+        warnings.warn(f"no tokenizer in {hf_dir} (looked for {' or '.join(TOKENIZER_FILES)}): "
+                      "the converted checkpoint has none; jobs then need tokenizer.path",
+                      stacklevel=2)
 
     source = _GroupSource(reader, groups)
     with atomic_output_dir(out_dir) as tmp:
@@ -131,7 +142,38 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str |
         OmegaConf.save(OmegaConf.create({"model": OmegaConf.structured(model_cfg)}),
                        tmp / MODEL_CONFIG_NAME)
         copy_assets(hf_dir, tmp)
+        (tmp / CONFIG).write_text(_job_config_yaml(hf_dir, Path(out_dir), model_cfg, dtype))
     return model_cfg
+
+
+def _mtp_hint(config: dict[str, Any], model_cfg: ModelConfig, found: dict[str, Any]) -> str:
+    """The fix for a DeepSeek-V3 whose config.json declares MTP layers it does not hold."""
+    if model_cfg.arch != "deepseek_v3" or not model_cfg.mtp_num_layers:
+        return ""
+    mtp = re.compile(r"model\.layers\.(\d+)\.")
+    if any((m := mtp.match(n)) and int(m.group(1)) >= model_cfg.num_layers for n in found):
+        return ""
+    return (f"\nconfig.json declares num_nextn_predict_layers={model_cfg.mtp_num_layers} but "
+            "the checkpoint holds no MTP layer (transformers' save_pretrained drops them): "
+            "convert with --no-mtp to leave multi-token prediction out")
+
+
+def _job_config_yaml(hf_dir: str | Path, out_dir: Path, model_cfg: ModelConfig,
+                     dtype: str) -> str:
+    """``r1mega_config.yaml`` of a converted checkpoint: a complete job config (model,
+    tokenizer files beside the weights, precision, template, generation_config's sampling
+    defaults), so that every command takes the directory as it is."""
+    import dataclasses
+
+    from r1mega.config.schema import R1MegaConfig
+
+    params_dtype = "float32" if dtype == "float32" else "bfloat16"
+    config = model_directory_config(hf_dir, dtype=params_dtype)
+    config["tokenizer"]["path"] = str(out_dir.absolute())
+    config["checkpoint"]["load"] = str(out_dir.absolute())
+    config["model"] = dataclasses.asdict(model_cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(R1MegaConfig), config)
+    return OmegaConf.to_yaml(merged)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
