@@ -229,6 +229,7 @@ def test_synthesized_config_and_sharded_output_load_in_transformers(
     megatron_dir = tmp_path / "meg"
     shutil.copytree(converted["llama"], megatron_dir)
     (megatron_dir / "hf_config.json").unlink()
+    (megatron_dir / "r1mega_config.yaml").unlink()  # nor a job config to describe it
     with pytest.raises(ConversionError, match="hf_config"):
         convert_megatron_to_hf(megatron_dir, tmp_path / "nothing")
     out = tmp_path / "hf"
