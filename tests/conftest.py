@@ -27,3 +27,27 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (out / "meta.json").is_file()
     return out
+
+
+SANDBOX_TOOLS = {"bwrap": "bubblewrap", "setpriv": "util-linux", "prlimit": "util-linux"}
+
+
+@pytest.fixture(scope="session")
+def sandbox_tools() -> None:
+    """What the code reward's sandbox needs (bubblewrap; util-linux's setpriv and
+    prlimit), installed from Debian's packages when absent, as ``.ci/run`` does; without
+    them and without apt-get the tests that run programs fail with the install hint."""
+    import shutil
+
+    missing = sorted({pkg for tool, pkg in SANDBOX_TOOLS.items() if not shutil.which(tool)})
+    if not missing:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        pytest.fail(f"the code sandbox needs {', '.join(missing)}: "
+                    f"apt-get install --no-install-recommends {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"],
+                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -33,7 +33,6 @@ from r1mega.rewards import (
     math_verify_check,
     outputs_match,
     register_reward,
-    run_program,
 )
 from r1mega.rewards.extract import last_answer_block, last_boxed, think_block
 from r1mega.rewards.language import words
@@ -64,6 +63,16 @@ def scores(results: list[RewardResult]) -> list[float]:
     return [r.score for r in results]
 
 
+def score_here(reward: Reward, batch: list[RewardInput]) -> list[RewardResult]:
+    """Score in this process (the plug-in's logic; the worker processes and budgets that
+    the trainer's scoring goes through are tested with the accuracy reward and in
+    tests/test_reward_bounds.py)."""
+    results = [reward.score(s) for s in batch]
+    for s, r in zip(batch, results, strict=True):
+        reward.record(s, r)
+    return results
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -75,23 +84,6 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of non-zombie processes in process group ``pgid`` (killed ones may linger as
-    zombies until reaped, which some container init processes never do)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
 
 
 # --------------------------------------------------------------------------- registry
@@ -111,16 +103,16 @@ def test_registry_lists_builtins_and_unknown_name_lists_them() -> None:
 def test_register_custom_reward_and_conflicting_name() -> None:
     @register_reward("test_length")
     class LengthReward(Reward):
-        def __call__(self, samples):  # type: ignore[no-untyped-def]
-            return [RewardResult(float(len(s.response))) for s in samples]
+        def score(self, sample):  # type: ignore[no-untyped-def]
+            return RewardResult(float(len(sample.response)))
 
     assert get_reward("test_length") is LengthReward
     with pytest.raises(ValueError, match="already registered"):
 
         @register_reward("test_length")
         class Other(Reward):
-            def __call__(self, samples):  # type: ignore[no-untyped-def]
-                return []
+            def score(self, sample):  # type: ignore[no-untyped-def]
+                return RewardResult(0.0)
 
     with pytest.raises(TypeError):
         register_reward("not_a_reward")(dict)  # type: ignore[arg-type]
@@ -134,7 +126,7 @@ def test_unknown_param_is_named_with_suggestion() -> None:
     assert "rewards.specs[2].params.target" in msg  # the suggestion
 
 
-def test_bad_param_type_and_value_are_named() -> None:
+def test_bad_param_type_and_value_are_named(sandbox_tools: None) -> None:
     with pytest.raises(ValueError, match=r"params\.mode: expected 'strict' \| 'lenient'"):
         FormatReward({"mode": "loose"})
     with pytest.raises(ValueError, match=r"params\.all_or_nothing: expected bool"):
@@ -218,12 +210,17 @@ def test_accuracy_true_and_false(accuracy: AccuracyReward) -> None:
     assert after["no_answer"] == before["no_answer"] + 1
     assert after["checks"] == before["checks"] + 7  # the two without inputs never ran
     assert after["timeouts"] == before["timeouts"]
+    # Answers a reader accepts: currency signs, other scripts' digits, superscripts.
+    edge = [sample(r"\$5", "5"), sample("٤٢", "42"), sample("４２", "42"), sample("7²", "49"),
+            sample("72", "7²"), sample("½", "0.5"), sample("۳", "3")]
+    assert scores(accuracy(edge)) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
 
 
 def test_accuracy_hang_and_crash_do_not_stall_the_batch(accuracy: AccuracyReward) -> None:
-    old_pids = accuracy.pool.worker_pids()
+    old_pids = accuracy.runner.worker_pids()
     assert len(old_pids) == 2
     before = accuracy.stats()
+    restarts = accuracy.runner.restarts
     batch = [
         sample("42", "42"),
         sample("HANG", "42"),
@@ -232,9 +229,7 @@ def test_accuracy_hang_and_crash_do_not_stall_the_batch(accuracy: AccuracyReward
         sample("7", "8"),
         sample("9", "9"),
     ]
-    start = time.monotonic()
     results = accuracy(batch)
-    elapsed = time.monotonic() - start
 
     assert scores(results) == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     assert results[1].info.get("timeout") is True
@@ -242,12 +237,13 @@ def test_accuracy_hang_and_crash_do_not_stall_the_batch(accuracy: AccuracyReward
     after = accuracy.stats()
     assert after["timeouts"] == before["timeouts"] + 1
     assert after["errors"] == before["errors"] + 1
-    assert after["pool_restarts"] == before["pool_restarts"] + 1
-    # Timeout (1 s) plus one pool restart, far below the 60 s the hook sleeps.
-    assert elapsed < 1.0 + 10.0, elapsed
-    # The hung worker was killed, not left sleeping.
-    assert not any(pid_alive(p) for p in old_pids)
-    # The recycled pool keeps working.
+    assert accuracy.runner.restarts == restarts + 1
+    # The hung worker (and only it) was killed and replaced, not left sleeping for 60 s.
+    new_pids = accuracy.runner.worker_pids()
+    gone = set(old_pids) - set(new_pids)
+    assert len(gone) == 1 and not pid_alive(gone.pop())
+    assert all(pid_alive(p) for p in new_pids)
+    # The replacement keeps working.
     assert scores(accuracy([sample("5", "5"), sample("6", "5")])) == [1.0, 0.0]
 
 
@@ -256,8 +252,7 @@ def test_accuracy_dead_worker_is_blamed_alone() -> None:
         results = reward([sample("1", "1"), sample("DIE", "1"), sample("2", "2")])
         assert scores(results) == [1.0, 0.0, 1.0]
         assert "died" in results[1].info["error"]
-        stats = reward.stats()
-        assert stats["worker_deaths"] == 1 and stats["errors"] == 1
+        assert reward.runner.worker_deaths == 1 and reward.stats()["errors"] == 1
 
 
 # --------------------------------------------------------------------------- format
@@ -290,14 +285,12 @@ def test_format_strict_and_lenient(response: str, strict: bool, lenient: bool) -
 def test_format_reward_prompt_ends_with_think() -> None:
     inside = "reasoning\n</think>\n<answer>42</answer>"
     batch = [RewardInput("q", inside), RewardInput("q", GOOD)]
-    assert scores(FormatReward({})(batch)) == [0.0, 1.0]
+    assert scores(score_here(FormatReward({}), batch)) == [0.0, 1.0]
     # With the R1-Zero template the response starts inside the think block; repeating
     # <think> then makes two think tags.
-    assert scores(FormatReward({"prompt_ends_with_think": True})(batch)) == [1.0, 0.0]
-    assert scores(FormatReward({"mode": "lenient", "prompt_ends_with_think": True})(batch)) == [
-        1.0,
-        1.0,
-    ]
+    assert scores(score_here(FormatReward({"prompt_ends_with_think": True}), batch)) == [1.0, 0.0]
+    lenient = FormatReward({"mode": "lenient", "prompt_ends_with_think": True})
+    assert scores(score_here(lenient, batch)) == [1.0, 1.0]
 
 
 # --------------------------------------------------------------------------- language
@@ -330,8 +323,8 @@ def test_language_fraction_against_hand_counts(cot: str, en: float, zh: float) -
     assert language_fraction(cot, "zh") == pytest.approx(zh)
     response = f"<think>{cot}</think><answer>Answer 答案 is 3</answer>"  # answer ignored
     batch = [RewardInput("q", response)]
-    assert LanguageReward({"target": "en"})(batch)[0].score == pytest.approx(en)
-    assert LanguageReward({"target": "zh"})(batch)[0].score == pytest.approx(zh)
+    assert score_here(LanguageReward({"target": "en"}), batch)[0].score == pytest.approx(en)
+    assert score_here(LanguageReward({"target": "zh"}), batch)[0].score == pytest.approx(zh)
 
 
 def test_language_reward_details() -> None:
@@ -341,10 +334,10 @@ def test_language_reward_details() -> None:
         RewardInput("q", "中文</think>", metadata={"language": "zh"}),  # per-sample target
         RewardInput("q", "x", metadata={"language": "fr"}),  # unsupported target
     ]
-    results = reward(batch)
+    results = score_here(reward, batch)
     assert scores(results) == pytest.approx([3 / 5, 1.0, 0.0])
     assert "error" in results[2].info
-    no_think = LanguageReward({})([RewardInput("q", "<answer>hello</answer>")])[0]
+    no_think = score_here(LanguageReward({}), [RewardInput("q", "<answer>hello</answer>")])[0]
     assert no_think.score == 0.0 and no_think.info == {"no_think": True}
 
 
@@ -373,7 +366,7 @@ def test_outputs_match_and_program_extraction() -> None:
     assert extract_program("```python\nprint(4)\n```") is None  # not inside an answer
 
 
-def test_code_reward_pass_fail_partial() -> None:
+def test_code_reward_pass_fail_partial(sandbox_tools: None) -> None:
     reward = CodeReward({"timeout_s": 5}, workers=2)
     batch = [
         code_sample("print(int(input()) * 2)"),  # all 3 pass
@@ -383,19 +376,19 @@ def test_code_reward_pass_fail_partial() -> None:
         RewardInput("q", "<think>x</think>", metadata={"tests": DOUBLE_TESTS}),  # no answer
         RewardInput("q", "<answer>print(1)</answer>", metadata={}),  # no tests
     ]
-    results = reward(batch)
+    results = score_here(reward, batch)
     assert scores(results) == pytest.approx([1.0, 1 / 3, 2 / 3, 0.0, 0.0, 0.0])
     assert results[1].info["tests"] == ["pass", "wrong", "wrong"]
     assert results[3].info["tests"] == ["runtime_error"] * 3
     assert results[4].info == {"no_answer": True}
     assert "error" in results[5].info
     strict = CodeReward({"all_or_nothing": True})
-    assert scores(strict(batch[:3])) == [1.0, 0.0, 0.0]
+    assert scores(score_here(strict, batch[:3])) == [1.0, 0.0, 0.0]
     stats = reward.stats()
     assert stats["tests"] == 12 and stats["passed"] == 6 and stats["runtime_error"] == 3
 
 
-def test_code_sandbox_limits() -> None:
+def test_code_sandbox_limits(sandbox_tools: None) -> None:
     reward = CodeReward({"timeout_s": 1.0, "memory_mb": 512}, workers=2)
     one = [{"input": "", "output": "ok\n"}]
     batch = [
@@ -403,43 +396,12 @@ def test_code_sandbox_limits() -> None:
         code_sample("x = bytearray(2 * 1024**3)\nprint('ok')", one),
         code_sample("print('ok')", one),  # the limits leave room for a normal program
     ]
-    start = time.monotonic()
-    results = reward(batch)
-    elapsed = time.monotonic() - start
+    results = score_here(reward, batch)
     assert results[0].score == 0.0 and results[0].info["tests"] == ["timeout"]
     assert results[0].info["timeout"] is True
     assert results[1].score == 0.0 and results[1].info["tests"] == ["memory"]
     assert "MemoryError" in results[1].info["stderr"]
     assert results[2].score == 1.0
-    assert elapsed < 8.0, elapsed
-
-
-def test_run_program_environment_and_cleanup() -> None:
-    probe = (
-        "import os, sys\n"
-        "print(sorted(os.environ))\n"
-        "print(sorted(os.listdir('.')))\n"
-        "print(sys.flags.isolated, sys.flags.no_site)\n"
-        "if os.fork() == 0:\n"
-        "    import time\n"
-        "    time.sleep(60)\n"
-        "print(os.getpid())\n"
-    )
-    result = run_program(probe, "", timeout_s=5.0)
-    assert result.status == "ok", result.stderr
-    env_line, files_line, flags_line, pid_line = result.stdout.splitlines()
-    assert set(eval(env_line)) <= {"PATH", "LC_CTYPE"}  # LC_CTYPE: Python's locale coercion
-    assert eval(files_line) == ["main.py"]  # cwd is a fresh directory
-    assert flags_line == "1 1"
-    # The forked child was killed with the process group (pgid == the program's pid);
-    # SIGKILL is delivered asynchronously, so allow it a moment.
-    deadline = time.monotonic() + 5.0
-    while live_group_members(int(pid_line)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_group_members(int(pid_line)) == []
-    spam = run_program("while True:\n    print('x' * 10000)", "", timeout_s=5.0, max_output_mb=1)
-    assert spam.status == "output_limit"
-    assert len(spam.stdout) <= 2**20
 
 
 # --------------------------------------------------------------------------- weighted sum

@@ -60,7 +60,8 @@ class BatchScorer:
         from r1mega.rewards import RewardInput
 
         inputs = [RewardInput(prompt=row.example.prompt, response=text,
-                              answer=row.example.answer, metadata=dict(row.example.metadata))
+                              answer=row.example.answer, metadata=dict(row.example.metadata),
+                              source=row.example.source)
                   for row, text in zip(rows, responses, strict=True)]
         total, _ = self.rules(inputs)
         return total

@@ -3,15 +3,18 @@
 Built-in plug-ins, chosen by ``rewards.specs[i].name``:
 
 * ``accuracy`` -- final answer (last ``<answer>`` block, its ``\\boxed{}`` if any) equals
-  the ground truth according to math-verify; checked in a process pool with a hard timeout;
+  the ground truth according to math-verify, after normalising currency signs, digits and
+  superscripts;
 * ``format`` -- the ``<think>...</think><answer>...</answer>`` layout, strict or lenient;
 * ``language`` -- fraction of chain-of-thought words in the target language (R1's
   language-consistency reward);
 * ``code`` -- fraction of stdin/stdout tests the answer's Python program passes, run in a
-  resource-limited subprocess.
+  bubblewrap sandbox (:mod:`r1mega.rewards.sandbox`).
 
-:class:`RewardFunction` combines them into the weighted sum the trainer optimises. New
-rewards subclass :class:`Reward` and register with :func:`register_reward`.
+:class:`RewardFunction` combines them into the weighted sum the trainer optimises; every
+reward scores each sample in worker processes under a time budget
+(:mod:`r1mega.rewards.runner`). New rewards subclass :class:`Reward`, implement
+:meth:`Reward.score` and register with :func:`register_reward`.
 """
 
 # Importing the built-in reward modules registers them by name.

@@ -1,9 +1,12 @@
 """The reward plug-in interface: inputs, results, the base class and parameter checking.
 
 A reward is a class registered under a name (see :mod:`r1mega.rewards.registry`) and built
-from the ``params`` dict of one ``rewards.specs[i]`` entry. It scores a whole batch at once
-because the expensive rewards (math verification, running programs) amortise worker
-start-up and run the samples concurrently.
+from the ``params`` dict of one ``rewards.specs[i]`` entry. It implements :meth:`Reward.score`
+for one sample. Scoring always happens in worker processes
+(:class:`r1mega.rewards.runner.RewardRunner`) under a per-sample time budget
+(:meth:`Reward.budget_s`): a sample that runs past it scores 0 and is counted, whatever the
+reward's code does. The plug-in objects are sent to the workers once, so they hold
+configuration, not processes or open files.
 
 Each reward declares its parameters as a small dataclass (``Params``). The base class
 checks the user's dict against it before anything runs, so a typo in a YAML file fails at
@@ -18,7 +21,8 @@ import difflib
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self, Union
 
@@ -31,13 +35,15 @@ class RewardInput:
 
     ``answer`` is the ground truth (``None`` when the task has none, e.g. code tasks that
     are judged by tests only); ``metadata`` carries task-specific data such as
-    ``{"tests": [{"input": ..., "output": ...}]}`` for code.
+    ``{"tests": [{"input": ..., "output": ...}]}`` for code; ``source`` names the dataset
+    row (``file:line``) so warnings about a row can point at it.
     """
 
     prompt: str
     response: str
     answer: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
 
 
 @dataclass(slots=True)
@@ -123,9 +129,10 @@ class Reward(ABC):
     """Base class of every reward plug-in.
 
     Subclasses set ``Params`` (a dataclass of their parameters with defaults) and implement
-    :meth:`__call__`. ``timeout_s`` and ``workers`` are the global ``rewards.timeout_s`` /
-    ``rewards.workers`` settings; rewards that do not run anything ignore them. ``where`` is
-    the config path of the params dict, used in error messages.
+    :meth:`score`. ``timeout_s`` is the global ``rewards.timeout_s`` (the per-sample budget
+    unless a reward computes its own) and ``workers`` the global ``rewards.workers`` (the
+    scoring processes of a standalone call). ``where`` is the config path of the params
+    dict, used in error messages.
     """
 
     name: ClassVar[str] = ""  # set by @register_reward
@@ -150,21 +157,77 @@ class Reward(ABC):
             raise ValueError(f"rewards.workers must be >= 1, got {workers}")
         self.timeout_s = float(timeout_s)
         self.workers = int(workers)
+        self._counts: Counter[str] = Counter()
+        self._runner: Any = None  # standalone calls only; see __call__
 
     def param_error(self, key: str, message: str) -> ValueError:
         """A ValueError naming the full key of one parameter (for range checks)."""
         return ValueError(f"{self.where}.{key}: {message}")
 
+    # ------------------------------------------------------------------ in the workers
+
     @abstractmethod
-    def __call__(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
-        """Score a batch; the result has one entry per sample, in order."""
+    def score(self, sample: RewardInput) -> RewardResult:
+        """Score one sample. Runs in a scoring worker process, under :meth:`budget_s`;
+        raising ``TimeoutError`` counts as a timeout, anything else as an error."""
+
+    def prepare_worker(self, worker_index: int) -> None:  # noqa: B027 - optional hook
+        """Warm up in a fresh worker before its first sample (imports, grammars), so no
+        sample's budget is spent on start-up. ``worker_index`` is unique per worker."""
+
+    # ------------------------------------------------------------------ in the trainer
+
+    def budget_s(self, sample: RewardInput) -> float:
+        """Seconds ``sample`` may take before it scores 0 as a timeout."""
+        return self.timeout_s
+
+    def counters(self, sample: RewardInput, result: RewardResult) -> Iterable[str]:
+        """Names of the counters one result adds to (beyond ``samples``, ``timeouts`` and
+        ``errors``, which every reward keeps); default: the info flags that are true."""
+        return [k for k, v in result.info.items() if v is True and k != "timeout"]
+
+    def record(self, sample: RewardInput, result: RewardResult) -> None:
+        """Count one result (called by the runner's owner, in the trainer process)."""
+        self._counts["samples"] += 1
+        if result.info.get("timeout") is True:
+            self._counts["timeouts"] += 1
+        if "error" in result.info:
+            self._counts["errors"] += 1
+        self._counts.update(self.counters(sample, result))
 
     def stats(self) -> dict[str, int]:
-        """Cumulative counters (timeouts, errors, ...) since construction, for logging."""
-        return {}
+        """Cumulative counters (samples, timeouts, errors, ...) since construction."""
+        return {"samples": 0, "timeouts": 0, "errors": 0, **self._counts}
 
-    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for pure-text rewards
-        """Release processes or threads the reward holds; idempotent."""
+    def __call__(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
+        """Score a batch in this reward's own worker processes (started on first use;
+        :class:`~r1mega.rewards.RewardFunction` shares one set between its rewards)."""
+        if self._runner is None:
+            from r1mega.rewards.runner import RewardRunner
+
+            self._runner = RewardRunner([self], self.workers)
+        results = self._runner.run([(0, s) for s in samples])
+        for sample, result in zip(samples, results, strict=True):
+            self.record(sample, result)
+        return results
+
+    @property
+    def runner(self) -> Any:
+        """The :class:`~r1mega.rewards.runner.RewardRunner` of standalone calls, if any."""
+        return self._runner
+
+    def close(self) -> None:
+        """Stop the worker processes of standalone calls; idempotent."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to the workers: configuration only, never the runner or the counters.
+        state = dict(self.__dict__)
+        state["_runner"] = None
+        state["_counts"] = Counter()
+        return state
 
     def __enter__(self) -> Self:
         return self

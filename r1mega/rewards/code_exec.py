@@ -8,70 +8,48 @@ removing trailing whitespace from every line and trailing blank lines (``print``
 newline the expected output often lacks). Score = passed / total, or with
 ``all_or_nothing: true`` 1.0 only if every test passes.
 
-Each test runs ``python -I -S main.py`` (isolated mode: no user site, no ``PYTHON*``
-variables, no site-packages) in a fresh temporary directory as cwd, with an environment
-holding only ``PATH``, stdin read from a file, and stdout/stderr written to files (so a
-program printing forever fills at most ``max_output_mb``, not the trainer's memory).
-``resource`` limits are set in ``preexec_fn``:
+Each test runs ``python -I -S main.py`` in a sandbox (:mod:`r1mega.rewards.sandbox`):
+by default bubblewrap namespaces with an unprivileged user, a private writable directory,
+no network and no view of the trainer's processes, plus limits on wall time
+(``timeout_s``), CPU time, memory (``memory_mb``), output (``max_output_mb``) and
+processes (``max_processes``); every process the program started is killed at the end.
+Without bubblewrap the reward refuses to start, naming what is missing, unless
+``params.sandbox: none`` explicitly accepts running programs with limits only.
 
-* ``RLIMIT_AS`` = ``memory_mb`` (default 512): allocations beyond it raise MemoryError;
-* ``RLIMIT_CPU`` = ceil(``timeout_s``) + 1 s: a busy loop dies even if the wall-clock kill
-  were delayed;
-* ``RLIMIT_FSIZE`` = ``max_output_mb``: bounds every file the program writes;
-* ``RLIMIT_CORE`` = 0;
-* ``RLIMIT_NPROC`` only if ``max_processes`` is set: the limit counts all processes (and
-  threads) of the *user*, not of the sandbox, so a small value breaks under a busy trainer,
-  and root ignores it anyway.
-
-The program is started in its own session and its whole process group is killed after it
-finishes or exceeds ``timeout_s`` of wall time, so forked children cannot outlive it.
-
-This is resource containment, not a security boundary: the program can read files the
-trainer's user can read and open network connections. Untrusted code at scale belongs in
-a container or nsjail.
-
-Tests run concurrently on ``workers`` threads (the threads only wait on subprocesses).
-The ``preexec_fn`` only calls ``setrlimit`` with precomputed integers, which is safe after
-``fork`` in a threaded parent; a child that still got stuck before ``exec`` would be killed
-by the wall-clock timeout like any other.
+The tests of one response run ``workers`` at a time in the scoring worker that scores it
+(threads that only wait on subprocesses); its time budget is what those runs may take.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
-import resource
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from r1mega.rewards.base import Reward, RewardInput, RewardResult
 from r1mega.rewards.extract import last_answer_block, last_code_block
 from r1mega.rewards.registry import register_reward
+from r1mega.rewards.sandbox import (
+    SANDBOX_MODES,
+    Limits,
+    RunResult,
+    Sandbox,
+    SandboxUnavailable,
+    run_program,
+)
 
 __all__ = ["CodeReward", "RunResult", "extract_program", "outputs_match", "run_program"]
 
-_STDERR_TAIL = 2000
+logger = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class RunResult:
-    """One execution. ``status``: ok | timeout | memory | output_limit | runtime_error."""
-
-    status: str
-    stdout: str
-    stderr: str  # the last 2000 characters
-    returncode: int | None
-    seconds: float
+# Starting a sandbox and an interpreter, and collecting the result, beyond the program's
+# own wall time (measured: ~0.05 s; generous for a loaded machine).
+_RUN_OVERHEAD_S = 2.0
+STATUSES = ("wrong", "timeout", "memory", "output_limit", "runtime_error")
 
 
 def extract_program(response: str) -> str | None:
@@ -96,116 +74,6 @@ def outputs_match(actual: str, expected: str) -> bool:
     return _normalise(actual) == _normalise(expected)
 
 
-def _pair(limit: int, soft: int, hard: int | None = None) -> tuple[int, int]:
-    """(soft, hard) clamped to the hard limit this process already has.
-
-    An unprivileged process cannot raise its hard limit; asking for more would make
-    ``setrlimit`` fail in the child and the test error out for reasons of the host.
-    """
-    hard = soft if hard is None else hard
-    _, current = resource.getrlimit(limit)
-    if current != resource.RLIM_INFINITY:
-        soft, hard = min(soft, current), min(hard, current)
-    return soft, hard
-
-
-def _limits_fn(
-    memory_mb: int, cpu_s: int, output_mb: int, max_processes: int | None
-) -> Callable[[], None]:
-    """The ``preexec_fn``; every value is computed here, in the parent, beforehand."""
-    limits = [
-        (resource.RLIMIT_AS, _pair(resource.RLIMIT_AS, memory_mb * 2**20)),
-        # SIGXCPU at the soft limit, SIGKILL one second later at the hard one.
-        (resource.RLIMIT_CPU, _pair(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)),
-        (resource.RLIMIT_FSIZE, _pair(resource.RLIMIT_FSIZE, output_mb * 2**20)),
-        (resource.RLIMIT_CORE, (0, 0)),
-    ]
-    if max_processes is not None:
-        limits.append((resource.RLIMIT_NPROC, _pair(resource.RLIMIT_NPROC, max_processes)))
-
-    def apply() -> None:
-        for which, pair in limits:
-            resource.setrlimit(which, pair)
-
-    return apply
-
-
-def _tail(path: Path, limit: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - limit))
-        return f.read().decode("utf-8", errors="replace")
-
-
-def run_program(
-    program: str,
-    stdin: str,
-    *,
-    timeout_s: float = 5.0,
-    memory_mb: int = 512,
-    max_output_mb: int = 16,
-    max_processes: int | None = None,
-    python: str | None = None,
-) -> RunResult:
-    """Run ``program`` once in the sandbox described in the module docstring."""
-    with tempfile.TemporaryDirectory(prefix="r1mega-code-") as tmp:
-        # cwd holds only the program; the I/O files live beside it, out of its way.
-        work, io_dir = Path(tmp, "work"), Path(tmp, "io")
-        work.mkdir()
-        io_dir.mkdir()
-        (work / "main.py").write_text(program, encoding="utf-8")
-        in_path, out_path, err_path = io_dir / "stdin", io_dir / "stdout", io_dir / "stderr"
-        in_path.write_text(stdin, encoding="utf-8")
-        preexec = _limits_fn(memory_mb, math.ceil(timeout_s) + 1, max_output_mb, max_processes)
-        env = {"PATH": os.environ.get("PATH", os.defpath)}
-        start = time.monotonic()
-        with (
-            open(in_path, "rb") as fin,
-            open(out_path, "wb") as fout,
-            open(err_path, "wb") as ferr,
-        ):
-            proc = subprocess.Popen(
-                [python or sys.executable, "-I", "-S", "main.py"],
-                stdin=fin,
-                stdout=fout,
-                stderr=ferr,
-                cwd=work,
-                env=env,
-                preexec_fn=preexec,
-                start_new_session=True,
-                close_fds=True,
-            )
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:  # the program and anything it forked
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
-        seconds = time.monotonic() - start
-        stdout = out_path.read_bytes().decode("utf-8", errors="replace")
-        stderr = _tail(err_path, _STDERR_TAIL)
-
-    rc = proc.returncode
-    if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
-        status = "timeout"
-    elif rc == -signal.SIGXFSZ or (rc != 0 and "File too large" in stderr):
-        # Python ignores SIGXFSZ, so hitting RLIMIT_FSIZE surfaces as OSError(EFBIG).
-        status = "output_limit"
-    elif rc != 0 and ("MemoryError" in stderr or "Cannot allocate memory" in stderr):
-        status = "memory"
-    elif rc != 0:
-        status = "runtime_error"
-    else:
-        status = "ok"
-    return RunResult(status, stdout, stderr, rc, seconds)
-
-
 def _load_tests(metadata: dict[str, Any]) -> list[dict[str, str]]:
     tests = metadata.get("tests")
     if isinstance(tests, str):
@@ -227,10 +95,11 @@ class CodeReward(Reward):
         timeout_s: float | None = None  # wall clock per test; None = rewards.timeout_s
         memory_mb: int = 512
         max_output_mb: int = 16
-        max_processes: int | None = None  # RLIMIT_NPROC; see the module docstring
+        max_processes: int = 64  # processes and threads of one run
         all_or_nothing: bool = False
-        workers: int | None = None  # concurrent tests; None = rewards.workers
+        workers: int | None = None  # concurrent tests of one response; None = rewards.workers
         python: str | None = None  # interpreter; None = the trainer's own
+        sandbox: str = "bwrap"  # bwrap | none (limits only: no isolation)
 
     def __init__(self, params: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -245,82 +114,82 @@ class CodeReward(Reward):
             ("workers", self.run_workers, 1),
             ("max_processes", p.max_processes, 1),
         ):
-            if value is not None and value < low:
+            if value < low:
                 raise self.param_error(key, f"must be >= {low}, got {value}")
-        self._counts: Counter[str] = Counter()
+        if p.sandbox not in SANDBOX_MODES:
+            raise self.param_error("sandbox", f"expected one of {', '.join(SANDBOX_MODES)}, "
+                                   f"got {p.sandbox!r}")
+        try:
+            self.sandbox = Sandbox.create(p.sandbox, p.python)
+        except SandboxUnavailable as e:
+            raise self.param_error(
+                "sandbox", f"{e}; set {self.where}.sandbox: none to run programs without "
+                "isolation (resource limits only)") from None
+        if p.sandbox == "none":
+            logger.warning("%s.sandbox: none: programs run as the trainer's user, in its "
+                           "namespaces, with resource limits only", self.where)
+        self.limits = Limits(self.run_timeout_s, p.memory_mb, p.max_output_mb, p.max_processes)
+
+    def budget_s(self, sample: RewardInput) -> float:
+        try:
+            tests = len(_load_tests(sample.metadata))
+        except (ValueError, json.JSONDecodeError):
+            tests = 1
+        rounds = math.ceil(tests / self.run_workers)
+        return rounds * (self.run_timeout_s + _RUN_OVERHEAD_S) + _RUN_OVERHEAD_S
 
     def _run(self, program: str, test: dict[str, str]) -> tuple[bool, RunResult]:
-        p = self.params
-        result = run_program(
-            program,
-            str(test["input"]),
-            timeout_s=self.run_timeout_s,
-            memory_mb=p.memory_mb,
-            max_output_mb=p.max_output_mb,
-            max_processes=p.max_processes,
-            python=p.python,
-        )
+        result = run_program(program, str(test["input"]), limits=self.limits,
+                             sandbox=self.sandbox)
         return result.status == "ok" and outputs_match(result.stdout, str(test["output"])), result
 
-    def __call__(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
-        results: list[RewardResult | None] = [None] * len(samples)
-        work: list[tuple[int, str, dict[str, str]]] = []
-        totals: dict[int, int] = {}
-        for i, s in enumerate(samples):
-            try:
-                tests = _load_tests(s.metadata)
-            except (ValueError, json.JSONDecodeError) as e:
-                self._counts["no_tests"] += 1
-                results[i] = RewardResult(0.0, {"error": str(e)})
-                continue
-            program = extract_program(s.response)
-            if program is None:
-                self._counts["no_program"] += 1
-                results[i] = RewardResult(0.0, {"no_answer": True})
-                continue
-            self._counts["programs"] += 1
-            totals[i] = len(tests)
-            work.extend((i, program, t) for t in tests)
+    def score(self, sample: RewardInput) -> RewardResult:
+        try:
+            tests = _load_tests(sample.metadata)
+        except (ValueError, json.JSONDecodeError) as e:
+            return RewardResult(0.0, {"error": str(e), "no_tests": True})
+        program = extract_program(sample.response)
+        if program is None:
+            return RewardResult(0.0, {"no_answer": True})
+        with ThreadPoolExecutor(max_workers=min(self.run_workers, len(tests))) as pool:
+            outcomes = list(pool.map(lambda t: self._run(program, t), tests))
+        passed = sum(ok for ok, _ in outcomes)
+        statuses = [("pass" if ok else ("wrong" if r.status == "ok" else r.status))
+                    for ok, r in outcomes]
+        if self.params.all_or_nothing:
+            score = 1.0 if passed == len(tests) else 0.0
+        else:
+            score = passed / len(tests)
+        info: dict[str, Any] = {"passed": passed, "total": len(tests), "tests": statuses}
+        if "timeout" in statuses:
+            info["timeout"] = True
+        first_bad = next((r for ok, r in outcomes if not ok and r.stderr), None)
+        if first_bad is not None:
+            info["stderr"] = first_bad.stderr[-500:]
+        return RewardResult(score, info)
 
-        if work:
-            with ThreadPoolExecutor(max_workers=self.run_workers) as pool:
-                runs = list(pool.map(lambda w: self._run(w[1], w[2]), work))
-            per_sample: dict[int, list[tuple[bool, RunResult]]] = {i: [] for i in totals}
-            for (i, _, _), run in zip(work, runs, strict=True):
-                per_sample[i].append(run)
-            for i, outcomes in per_sample.items():
-                passed = sum(ok for ok, _ in outcomes)
-                statuses = [
-                    ("pass" if ok else ("wrong" if r.status == "ok" else r.status))
-                    for ok, r in outcomes
-                ]
-                self._counts["tests"] += len(outcomes)
-                self._counts["passed"] += passed
-                self._counts.update(s for s in statuses if s != "pass")
-                if self.params.all_or_nothing:
-                    score = 1.0 if passed == totals[i] else 0.0
-                else:
-                    score = passed / totals[i]
-                info: dict[str, Any] = {"passed": passed, "total": totals[i], "tests": statuses}
-                if any(s == "timeout" for s in statuses):
-                    info["timeout"] = True
-                first_bad = next((r for ok, r in outcomes if not ok and r.stderr), None)
-                if first_bad is not None:
-                    info["stderr"] = first_bad.stderr[-500:]
-                results[i] = RewardResult(score, info)
-        return [r if r is not None else RewardResult(0.0, {"error": "unscored"}) for r in results]
+    def counters(self, sample: RewardInput, result: RewardResult) -> Iterable[str]:
+        info = result.info
+        if info.get("no_answer"):
+            return ["no_program"]
+        if info.get("no_tests"):
+            return ["no_tests"]
+        statuses = info.get("tests")
+        if not isinstance(statuses, list):
+            return []  # the budget ran out or the scoring failed: counted by the base class
+        return ["programs", *(["tests"] * len(statuses)),
+                *("passed" if s == "pass" else s for s in statuses)]
+
+    def record(self, sample: RewardInput, result: RewardResult) -> None:
+        # A program whose tests timed out is not a budget timeout of the reward itself.
+        if isinstance(result.info.get("tests"), list):
+            self._counts["samples"] += 1
+            self._counts.update(self.counters(sample, result))
+        else:
+            super().record(sample, result)
 
     def stats(self) -> dict[str, int]:
-        keys = (
-            "programs",
-            "tests",
-            "passed",
-            "wrong",
-            "timeout",
-            "memory",
-            "output_limit",
-            "runtime_error",
-            "no_program",
-            "no_tests",
-        )
-        return {k: int(self._counts[k]) for k in keys}
+        keys = ("samples", "timeouts", "errors", "programs", "tests", "passed", *STATUSES,
+                "no_program", "no_tests")
+        counts = super().stats()
+        return {k: int(counts.get(k, 0)) for k in keys}

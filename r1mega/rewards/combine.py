@@ -5,6 +5,11 @@ calling it scores a batch with each and returns ``total[j] = sum_i weight_i * sc
 plus each plug-in's scores by name, which the trainer logs separately (a flat total hides
 whether the policy is learning the format or the maths).
 
+Every reward scores every sample in one shared set of ``rewards.workers`` scoring worker
+processes (:class:`~r1mega.rewards.runner.RewardRunner`), each sample under its reward's
+time budget: a sample that hangs or crashes a reward scores 0 for that reward and is
+counted (``<name>/timeouts``, ``<name>/errors``), and never stalls the step.
+
 Names must be unique: the per-reward scores and counters are keyed by name, and two specs
 of the same reward would collide there. (To weight one reward more, change its weight.)
 """
@@ -20,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from r1mega.config.validate import ConfigError
 from r1mega.rewards.base import Reward, RewardInput, RewardResult
 from r1mega.rewards.registry import get_reward
+from r1mega.rewards.runner import RewardRunner
 
 __all__ = ["RewardBreakdown", "RewardFunction"]
 
@@ -49,7 +55,7 @@ def _plain(value: Any) -> Any:
 class RewardFunction:
     """Weighted sum of reward plug-ins; owns them (``close()`` closes them all)."""
 
-    def __init__(self, rewards: Sequence[tuple[str, float, Reward]]) -> None:
+    def __init__(self, rewards: Sequence[tuple[str, float, Reward]], workers: int = 2) -> None:
         if not rewards:
             raise ValueError("a RewardFunction needs at least one reward")
         names = [name for name, _, _ in rewards]
@@ -57,6 +63,8 @@ class RewardFunction:
         if duplicates:
             raise ValueError(f"duplicate reward names: {', '.join(duplicates)}")
         self.rewards: list[tuple[str, float, Reward]] = list(rewards)
+        self.workers = workers
+        self._runner: RewardRunner | None = None  # started on the first batch
 
     @classmethod
     def from_config(cls, cfg: Any, *, key: str = "rewards") -> RewardFunction:
@@ -100,7 +108,7 @@ class RewardFunction:
             for _, _, reward in built:
                 reward.close()
             raise
-        return cls(built)
+        return cls(built, workers)
 
     @property
     def names(self) -> list[str]:
@@ -112,19 +120,22 @@ class RewardFunction:
 
     def evaluate(self, samples: Sequence[RewardInput]) -> RewardBreakdown:
         """Score ``samples`` with every reward; keeps the per-sample infos."""
+        if self._runner is None:
+            self._runner = RewardRunner([reward for _, _, reward in self.rewards],
+                                        self.workers)
+        jobs = [(k, s) for k in range(len(self.rewards)) for s in samples]
+        results = self._runner.run(jobs) if samples else []
         total = [0.0] * len(samples)
         out = RewardBreakdown(total)
-        for name, weight, reward in self.rewards:
-            results: list[RewardResult] = reward(samples)
-            if len(results) != len(samples):
-                raise RuntimeError(
-                    f"reward {name!r} returned {len(results)} results for {len(samples)} samples"
-                )
-            scores = [float(r.score) for r in results]
+        for k, (name, weight, reward) in enumerate(self.rewards):
+            mine: list[RewardResult] = results[k * len(samples):(k + 1) * len(samples)]
+            for sample, result in zip(samples, mine, strict=True):
+                reward.record(sample, result)
+            scores = [float(r.score) for r in mine]
             for j, score in enumerate(scores):
                 total[j] += weight * score
             out.scores[name] = scores
-            out.infos[name] = [r.info for r in results]
+            out.infos[name] = [r.info for r in mine]
         return out
 
     def __call__(
@@ -135,12 +146,19 @@ class RewardFunction:
         return out.total, out.scores
 
     def stats(self) -> dict[str, int]:
-        """Every reward's cumulative counters as ``{"<name>/<counter>": value}``."""
-        return {
+        """Every reward's cumulative counters as ``{"<name>/<counter>": value}``, plus the
+        scoring workers' (``workers/restarts``: killed after a timeout, ``workers/deaths``)."""
+        out = {
             f"{name}/{k}": v for name, _, reward in self.rewards for k, v in reward.stats().items()
         }
+        runner = self._runner
+        out["workers/restarts"] = runner.restarts if runner else 0
+        out["workers/deaths"] = runner.worker_deaths if runner else 0
+        return out
 
     def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
         for _, _, reward in self.rewards:
             reward.close()
 

@@ -2,13 +2,18 @@
 layout? Scores 1.0 or 0.0.
 
 * ``mode: strict`` (default) -- the whole response (surrounding whitespace aside) is one
-  think block followed by one answer block and nothing else:
-  ``^<think>\\n?.*?\\n?</think>\\s*<answer>.*?</answer>$`` (DOTALL), and each of the four
-  tags occurs exactly once. The tag count matters: a lazy ``.*?`` anchored at both ends
-  would otherwise happily swallow a second ``</think>`` or ``<answer>`` into a block, and
-  rewarding two answer blocks invites the policy to hedge.
+  think block followed by one answer block and nothing else: it starts with ``<think>``,
+  ends with ``</answer>``, only whitespace lies between ``</think>`` and ``<answer>``, and
+  each of the four tags occurs exactly once. The tag count matters: rewarding two answer
+  blocks invites the policy to hedge.
 * ``mode: lenient`` -- somewhere in the response a ``<think>...</think>`` is followed later
   by an ``<answer>...</answer>``; text around or between them is allowed.
+
+Both are decided by a few linear ``str.find`` / ``str.count`` scans. (The lenient check
+used to be the pattern ``<think>.*?</think>.*?<answer>.*?</answer>``, which backtracks
+cubically: 11 s on 4.6 KB of ``"<think></think><answer>" * n``.) Taking the earliest
+``<think>``, then the earliest ``</think>`` after it, and so on, finds a match whenever
+any exists: each earliest choice leaves at least as much text for the next tag.
 
 ``prompt_ends_with_think: true`` prepends ``<think>`` before checking, for templates such
 as R1-Zero's that end with ``Assistant: <think>`` so the response starts inside the block.
@@ -19,8 +24,6 @@ trailing newline, which says nothing about whether the policy learned the format
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,9 +33,30 @@ from r1mega.rewards.registry import register_reward
 
 __all__ = ["FormatReward", "format_ok"]
 
-STRICT_RE = re.compile(r"<think>\n?.*?\n?</think>\s*<answer>.*?</answer>", re.DOTALL)
-LENIENT_RE = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
 _TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+
+def _strict_ok(text: str) -> bool:
+    text = text.strip()
+    if any(text.count(tag) != 1 for tag in _TAGS):
+        return False
+    if not (text.startswith(THINK_OPEN) and text.endswith(ANSWER_CLOSE)):
+        return False
+    think_close = text.find(THINK_CLOSE)
+    answer_open = text.find(ANSWER_OPEN)
+    if not len(THINK_OPEN) <= think_close < answer_open:
+        return False
+    return text[think_close + len(THINK_CLOSE) : answer_open].strip() == ""
+
+
+def _lenient_ok(text: str) -> bool:
+    pos = 0
+    for tag in _TAGS:
+        found = text.find(tag, pos)
+        if found < 0:
+            return False
+        pos = found + len(tag)
+    return True
 
 
 def format_ok(
@@ -43,12 +67,7 @@ def format_ok(
 ) -> bool:
     """Whether ``response`` has the R1 think/answer layout (see the module docstring)."""
     text = (THINK_OPEN + response) if prompt_ends_with_think else response
-    if mode == "lenient":
-        return LENIENT_RE.search(text) is not None
-    text = text.strip()
-    if any(text.count(tag) != 1 for tag in _TAGS):
-        return False
-    return STRICT_RE.fullmatch(text) is not None
+    return _lenient_ok(text) if mode == "lenient" else _strict_ok(text)
 
 
 @register_reward("format")
@@ -63,15 +82,8 @@ class FormatReward(Reward):
     def __init__(self, params: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
 
-    def __call__(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
+    def score(self, sample: RewardInput) -> RewardResult:
         p = self.params
-        return [
-            RewardResult(
-                1.0
-                if format_ok(
-                    s.response, mode=p.mode, prompt_ends_with_think=p.prompt_ends_with_think
-                )
-                else 0.0
-            )
-            for s in samples
-        ]
+        ok = format_ok(sample.response, mode=p.mode,
+                       prompt_ends_with_think=p.prompt_ends_with_think)
+        return RewardResult(1.0 if ok else 0.0)

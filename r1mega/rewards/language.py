@@ -22,9 +22,7 @@ The target is ``params.target`` unless the sample's ``metadata["language"]`` nam
 
 from __future__ import annotations
 
-import re
 import unicodedata
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,26 +32,47 @@ from r1mega.rewards.registry import register_reward
 
 __all__ = ["LanguageReward", "language_fraction", "words"]
 
-CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef\U00030000-\U0003134f"
-_CJK_CHAR = f"[{CJK_RANGES}]"
-# One CJK ideograph, or a run of word characters that are neither CJK ideographs nor
-# decimal digits nor "_". That run may still hold non-letters such as "²" (\w includes
-# all numerics); words() splits those out, which is rare enough to do in Python.
-_WORD_RE = re.compile(f"{_CJK_CHAR}|(?:(?!{_CJK_CHAR})[^\\W\\d_])+")
-_EN_RE = re.compile(r"[A-Za-z]+")
-_ZH_RE = re.compile(_CJK_CHAR)
+# CJK ideograph blocks: U+3400-4DBF, U+4E00-9FFF, U+F900-FAFF, U+20000-2EBEF, U+30000-3134F.
+CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2EBEF),
+              (0x30000, 0x3134F))
 LANGUAGES = ("en", "zh")
 
 
+def is_cjk_ideograph(ch: str) -> bool:
+    code = ord(ch)
+    return any(low <= code <= high for low, high in CJK_RANGES)
+
+
 def words(text: str) -> list[str]:
-    """The words of ``text`` as defined in the module docstring."""
+    """The words of ``text`` as defined in the module docstring.
+
+    One pass over the characters (model output: no regular expression, linear time).
+    """
     out: list[str] = []
-    for token in _WORD_RE.findall(unicodedata.normalize("NFC", text)):
-        if token.isalpha():
-            out.append(token)
-        else:
-            out.extend("".join(ch if ch.isalpha() else " " for ch in token).split())
+    run: list[str] = []
+    for ch in unicodedata.normalize("NFC", text):
+        if ch.isalpha():
+            if ch >= "\u3400" and is_cjk_ideograph(ch):
+                if run:
+                    out.append("".join(run))
+                    run = []
+                out.append(ch)
+            else:
+                run.append(ch)
+        elif run:
+            out.append("".join(run))
+            run = []
+    if run:
+        out.append("".join(run))
     return out
+
+
+def _is_english(word: str) -> bool:
+    return word.isascii()  # words are letters only, so ASCII means [A-Za-z]
+
+
+def _is_chinese(word: str) -> bool:
+    return len(word) == 1 and is_cjk_ideograph(word)
 
 
 def language_fraction(text: str, target: Literal["en", "zh"]) -> float:
@@ -61,8 +80,8 @@ def language_fraction(text: str, target: Literal["en", "zh"]) -> float:
     tokens = words(text)
     if not tokens:
         return 0.0
-    pattern = _EN_RE if target == "en" else _ZH_RE
-    return sum(1 for w in tokens if pattern.fullmatch(w)) / len(tokens)
+    in_target = _is_english if target == "en" else _is_chinese
+    return sum(1 for w in tokens if in_target(w)) / len(tokens)
 
 
 @register_reward("language")
@@ -77,17 +96,13 @@ class LanguageReward(Reward):
     def __init__(self, params: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
 
-    def __call__(self, samples: Sequence[RewardInput]) -> list[RewardResult]:
-        out = []
-        for s in samples:
-            target = s.metadata.get("language", self.params.target)
-            if target not in LANGUAGES:
-                error = f"metadata language {target!r} is not one of {LANGUAGES}"
-                out.append(RewardResult(0.0, {"error": error}))
-                continue
-            cot = think_block(s.response, prompt_ends_with_think=self.params.prompt_ends_with_think)
-            if cot is None:
-                out.append(RewardResult(0.0, {"no_think": True}))
-            else:
-                out.append(RewardResult(language_fraction(cot, target)))
-        return out
+    def score(self, sample: RewardInput) -> RewardResult:
+        target = sample.metadata.get("language", self.params.target)
+        if target not in LANGUAGES:
+            return RewardResult(0.0, {"error": f"metadata language {target!r} is not one of "
+                                      f"{LANGUAGES}"})
+        cot = think_block(sample.response,
+                          prompt_ends_with_think=self.params.prompt_ends_with_think)
+        if cot is None:
+            return RewardResult(0.0, {"no_think": True})
+        return RewardResult(language_fraction(cot, target))

@@ -104,7 +104,8 @@ def score(reward_fn: Any, tokenizer: Any, samples: list[Sample], rows: list[Prom
     if dist.get_rank() == 0 and by_rules:
         inputs = [RewardInput(prompt=rows[i].prompt,
                               response=tokenizer.decode(samples[i].response_ids),
-                              answer=rows[i].answer, metadata=dict(rows[i].metadata))
+                              answer=rows[i].answer, metadata=dict(rows[i].metadata),
+                              source=rows[i].source)
                   for i in by_rules]
         rule_total, per_reward = reward_fn(inputs)
         total[by_rules] = torch.tensor(rule_total, dtype=torch.float32)
