@@ -164,8 +164,11 @@ class AccuracyReward(Reward):
 
     def prepare_worker(self, worker_index: int) -> None:
         global _MATH_VERIFY_TIMEOUT_S
+        # Importing sympy and loading the LaTeX grammar takes seconds on a loaded machine:
+        # warm up under a generous alarm, then use the configured one.
+        _MATH_VERIFY_TIMEOUT_S = 120
+        math_verify_check("1", "1")
         _MATH_VERIFY_TIMEOUT_S = max(1, math.ceil(self.check_timeout_s))
-        math_verify_check("1", "1")  # imports sympy and loads the LaTeX grammar
         fn = self.params.verify_fn
         self._verify = resolve_callable(fn) if fn else math_verify_check
 
