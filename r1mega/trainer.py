@@ -177,6 +177,8 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
     lengths = [len(s.response_ids) for s in samples]
     new_tokens = sum(lengths)
     metrics.update(reward_stats)
+    if reward_fn is not None:  # rank 0: cumulative timeouts, errors, unparsable answers ...
+        metrics.update({f"reward/counts/{k}": float(v) for k, v in reward_fn.stats().items()})
     metrics.update(rollout.metrics)
     handover = getattr(rollout, "handover", None)
     if handover is not None:
