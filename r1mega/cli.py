@@ -147,7 +147,7 @@ def processes(args: argparse.Namespace, default: int) -> tuple[int, bool]:
 
 
 def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from r1mega.launch import relaunch_local, under_launcher
+    from r1mega.launch import relaunch_local, run_rank, under_launcher
 
     if not under_launcher():
         # Validate once in the parent so a bad config fails before any process starts.
@@ -167,8 +167,11 @@ def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import importlib
 
     module, function = JOB_ENTRIES[args.command]
-    getattr(importlib.import_module(module), function)(cfg)
-    return 0
+    job = getattr(importlib.import_module(module), function)
+    if under_launcher():
+        job(cfg)  # main() runs every rank under run_rank
+        return 0
+    return run_rank(lambda: job(cfg))  # one process, no launcher: the same one-line errors
 
 
 def quiet_dependencies() -> None:
@@ -288,10 +291,10 @@ def _generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_dependencies()
-    args = parse_args(argv)
+def _dispatch(args: argparse.Namespace, argv: Sequence[str], *,
+              config_errors: bool = True) -> int:
+    """Run the command; with ``config_errors`` a ConfigError becomes the usual message and
+    exit status 2 (a rank leaves it to :func:`r1mega.launch.run_rank` instead)."""
     try:
         if args.command in JOB_ENTRIES:
             return _run_job(args, argv)
@@ -303,11 +306,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args, argv)
         return run_plan(args)
     except ConfigError as err:
+        if not config_errors:
+            raise
         print(f"r1mega: invalid configuration:\n{err}", file=sys.stderr)
         return 2
     except ConversionError as err:
         print(f"r1mega: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_dependencies()
+    args = parse_args(argv)
+    from r1mega.launch import run_rank, under_launcher
+
+    if under_launcher():
+        # A rank: dies with its launcher; an error is reported once, not as a traceback.
+        codes: list[int] = []
+        run_rank(lambda: codes.append(_dispatch(args, argv, config_errors=False)))
+        return codes[0] if codes else 0
+    return _dispatch(args, argv)
 
 
 if __name__ == "__main__":

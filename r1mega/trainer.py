@@ -23,11 +23,7 @@ import torch.distributed as dist
 
 from parallel.layout import Layout
 from r1mega.bootstrap import Job
-from r1mega.checkpointing.train_state import (
-    find_latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from r1mega.checkpointing.train_state import load_latest_checkpoint, save_checkpoint
 from r1mega.data.prompts import PromptExample, PromptSampler, load_prompt_dataset
 from r1mega.data.sources import MixedPromptSampler, Source, load_source_examples
 from r1mega.data.tasks import builtin_dataset, is_builtin
@@ -103,9 +99,9 @@ def run_training(cfg: Any) -> list[StepRecord]:
     scheduler = build_lr_scheduler(optimizer, cfg.train)
     sampler = _prompt_sampler(cfg)
     start_step = 1
-    latest = find_latest_checkpoint(cfg.checkpoint.save_dir)
-    if latest is not None:
-        state = load_checkpoint(latest, policy, optimizer, scheduler)
+    resumed = load_latest_checkpoint(cfg.checkpoint.save_dir, policy, optimizer, scheduler)
+    if resumed is not None:
+        latest, state = resumed
         sampler.load_state_dict(state["sampler"])
         start_step = int(state["step"]) + 1
         print_rank0(f"[r1mega] resumed from {latest} (step {state['step']})")

@@ -1,10 +1,13 @@
 """Kill-and-resume: a run SIGKILLed after step k and restarted gives the same weights at
-step k+2 as an uninterrupted run; a partial checkpoint is never resumed from."""
+step k+2 as an uninterrupted run, even when newer checkpoints on disk are corrupt (they
+are reported, set aside and the intact one is used); a partial checkpoint is never
+resumed from."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +46,20 @@ def test_killed_run_resumes_to_identical_weights(tmp_path: Path) -> None:
     assert crash.returncode != 0
     assert "step 1/3" in crash.stdout and "step 2/3" not in crash.stdout
     assert find_latest_checkpoint(killed) == step_dir(killed, 1)
+    # Newer checkpoints, damaged on disk: a truncated shard (step 2) and a garbled
+    # completion marker (step 3). The restart reports both, sets them aside and resumes
+    # from step 1 instead of crashing on every requeue.
+    for step in (2, 3):
+        shutil.copytree(step_dir(straight, step), step_dir(killed, step))
+    shard = sorted(step_dir(killed, 2).glob("__*_0.distcp"))[-1]
+    os.truncate(shard, shard.stat().st_size // 2)
+    (step_dir(killed, 3) / META).write_text("{")
 
     resumed = _train(killed)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"{step_dir(killed, 3)} is corrupt ({META} is unreadable" in resumed.stdout
+    assert f"{step_dir(killed, 2)} is corrupt ({shard.name} has" in resumed.stdout
+    assert (killed / "step_00000002.corrupt").is_dir()
     assert "resumed from" in resumed.stdout and "(step 1)" in resumed.stdout
     assert "step 1/3" not in resumed.stdout.split("resumed from")[1]
     assert "step 3/3" in resumed.stdout

@@ -44,7 +44,12 @@ HF_CONFIG = "config.json"
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 WARM_START = "warm_start:"
 
-_STEP_DIR = re.compile(r"step_\d{8}")
+# A step being re-saved: the old copy, until the new one has the step's name.
+REPLACED = ".replaced"
+# A step that failed its integrity check: kept for inspection, never loaded.
+CORRUPT = ".corrupt"
+
+_STEP_DIR = re.compile(r"step_(\d{8})")
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -52,22 +57,26 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def complete_steps(root: Path) -> list[Path]:
-    """Finished step directories, oldest first (``.partial`` ones never count)."""
-    return sorted(p for p in root.glob("step_*")
-                  if _STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / META).exists())
+    """Finished step directories, oldest first. A ``step_N.replaced`` (a re-save
+    interrupted between its two renames) stands in for a missing ``step_N``;
+    ``.partial`` and ``.corrupt`` directories never count."""
+    by_step: dict[int, Path] = {}
+    for path in Path(root).glob("step_*"):
+        match = _STEP_DIR.fullmatch(path.name.removesuffix(REPLACED))
+        if match is None or not path.is_dir() or not (path / META).exists():
+            continue
+        step = int(match.group(1))
+        if step not in by_step or by_step[step].name.endswith(REPLACED):
+            by_step[step] = path
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def find_latest_checkpoint(root: str | Path | None) -> Path | None:
-    """The newest complete checkpoint under ``root`` (never a partial one), or None."""
+    """The newest complete checkpoint under ``root`` (never a partial one), or None.
+    (``latest`` names it too, but can lag behind a save killed before updating it.)"""
     if root is None or not Path(root).is_dir():
         return None
-    root = Path(root)
-    latest = root / LATEST
-    if latest.exists():
-        candidate = root / latest.read_text().strip()
-        if _STEP_DIR.fullmatch(candidate.name) and (candidate / META).exists():
-            return candidate
-    complete = complete_steps(root)
+    complete = complete_steps(Path(root))
     return complete[-1] if complete else None
 
 
@@ -156,7 +165,8 @@ def resolve_weight_source(spec: str | Path) -> WeightSource:
 
 
 __all__ = [
-    "CONFIG", "HF_CONFIG", "HF_WEIGHT_FILES", "LATEST", "META", "MEGATRON_METADATA", "MODEL_CONFIG",
+    "CONFIG", "CORRUPT", "HF_CONFIG", "HF_WEIGHT_FILES", "LATEST", "META", "MEGATRON_METADATA",
+    "MODEL_CONFIG", "REPLACED",
     "WARM_START", "SourceKind", "WeightSource", "WeightSourceError", "complete_steps",
     "find_latest_checkpoint", "is_hf_model_dir", "is_megatron_checkpoint",
     "not_weights_message", "resolve_weight_source", "step_dir",

@@ -10,7 +10,10 @@ A checkpoint is written into ``step_XXXXXXXX.partial`` and renamed only after ev
 has finished writing, then ``latest`` is replaced atomically; a job killed mid-save
 leaves a ``.partial`` directory that :func:`find_latest_checkpoint` never picks. The
 names of this layout, and finding a run's newest step, live in the torch-free
-:mod:`r1mega.checkpointing.paths` (re-exported here).
+:mod:`r1mega.checkpointing.paths` (re-exported here). Every file is fsynced and recorded
+(size, CRC-32) in a manifest before the marker is written; a restarted job checks the
+newest checkpoint against it, and sets a corrupt one aside and falls back to the next
+older one (:func:`load_latest_checkpoint`; see :mod:`r1mega.checkpointing.integrity`).
 
 The model and optimizer states are sharded tensors. The LR scheduler and
 the trainer's own state (step, data sampler position) are identical on all ranks and
@@ -19,7 +22,6 @@ saved once; each rank's RNG states are saved as per-rank objects.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -28,20 +30,31 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from r1mega.checkpointing.integrity import (
+    fsync_path,
+    owned_files,
+    read_meta,
+    seal_checkpoint,
+    set_aside,
+    sync_and_record,
+    verify_checkpoint,
+)
 from r1mega.checkpointing.model_io import model_sharded_state_dict
 from r1mega.checkpointing.paths import (
     CONFIG,
     LATEST,
     META,
+    REPLACED,
     complete_steps,
     find_latest_checkpoint,
     step_dir,
 )
+from r1mega.logging_utils import print_rank0
 from r1mega.training.policy import Policy
 from r1mega.utils.process import die_with_parent
 
 __all__ = ["CONFIG", "LATEST", "META", "find_latest_checkpoint", "load_checkpoint",
-           "save_checkpoint", "step_dir"]
+           "load_latest_checkpoint", "save_checkpoint", "step_dir"]
 
 # Each rank writes its own optimizer-state buckets in parallel, no gather (megatron-core
 # 0.19.2 refuses the parameter-space format for flattened shards). Optimizer state then
@@ -115,22 +128,41 @@ def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
     state["adam_step"] = _adam_step(optimizer)
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
-    if dist.get_rank() == 0:
-        if config is not None:
-            from omegaconf import OmegaConf
+    rank = dist.get_rank()
+    if rank == 0 and config is not None:
+        from omegaconf import OmegaConf
 
-            (partial / CONFIG).write_text(OmegaConf.to_yaml(config))
-        (partial / META).write_text(json.dumps({"step": step, "world_size":
-                                                dist.get_world_size()}))
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        (partial / CONFIG).write_text(OmegaConf.to_yaml(config))
+    # Each rank makes its own files durable and records them (on a shared filesystem only
+    # the writer's fsync flushes its data); rank 0 seals the manifest and the marker.
+    records = sync_and_record(owned_files(partial, rank))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    if rank == 0:
+        seal_checkpoint(partial, step, dist.get_world_size(),
+                        {name: rec for part in gathered for name, rec in part.items()})
+        _publish(partial, final)
         tmp = Path(root) / (LATEST + ".tmp")
         tmp.write_text(final.name)
+        fsync_path(tmp)
         os.replace(tmp, Path(root) / LATEST)
+        fsync_path(Path(root))
         _prune(Path(root), keep_last)
     dist.barrier()
     return final
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Give the sealed ``partial`` its final name. An existing checkpoint of the same step
+    is renamed aside first and deleted only afterwards, so a complete copy of the step
+    exists at every instant (:func:`complete_steps` recognises ``.replaced``)."""
+    replaced = final.with_name(final.name + REPLACED)
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)  # stale: final is the complete copy
+        os.rename(final, replaced)
+    os.rename(partial, final)
+    fsync_path(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -138,6 +170,45 @@ def _prune(root: Path, keep_last: int) -> None:
         return
     for old in complete_steps(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _verified(path: Path) -> list[str]:
+    """Problems with ``path`` found by all ranks together (each reads a share)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = verify_checkpoint(path, rank, world)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return [p for part in gathered for p in part]
+
+
+def load_latest_checkpoint(root: str | Path | None, policy: Policy, optimizer: Any,
+                           scheduler: Any) -> tuple[Path, dict[str, Any]] | None:
+    """Collectively restore the newest intact checkpoint under ``root``; returns its path
+    and the trainer state, or None when there is none.
+
+    A checkpoint that fails its integrity check (a truncated or altered shard, a missing
+    or malformed marker or manifest) is reported, set aside as ``step_N.corrupt`` and the
+    next older complete one is tried. Errors of the load itself (a layout the optimizer
+    state cannot take, a bug) are not corruption and propagate."""
+    while True:
+        holder = [None]
+        if dist.get_rank() == 0:
+            latest = find_latest_checkpoint(root)
+            holder[0] = str(latest) if latest is not None else None
+        dist.broadcast_object_list(holder, src=0)
+        if holder[0] is None:
+            return None
+        path = Path(holder[0])
+        problems = _verified(path)
+        if not problems:
+            return path, load_checkpoint(path, policy, optimizer, scheduler)
+        if dist.get_rank() == 0:
+            moved = set_aside(path)
+            shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more"
+                                                if len(problems) > 5 else "")
+            print_rank0(f"[r1mega] checkpoint {path} is corrupt ({shown}): set aside as "
+                        f"{moved.name}; trying the next older one")
+        dist.barrier()
 
 
 def _init_empty_adam_state(optimizer: Any) -> None:
@@ -203,7 +274,7 @@ def load_checkpoint(path: str | Path, policy: Policy, optimizer: Any,
 
     _init_empty_adam_state(optimizer)
     state = _sharded_state(policy, optimizer, is_loading=True)
-    saved_world = json.loads((Path(path) / META).read_text())["world_size"]
+    saved_world = read_meta(Path(path))["world_size"]
     if saved_world != dist.get_world_size():
         state.pop("rng")  # per-rank RNG streams only carry over to the same world size
     loaded = dist_checkpointing.load(state, str(path))

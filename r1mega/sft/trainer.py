@@ -24,11 +24,7 @@ import torch.distributed as dist
 
 from parallel.layout import Layout
 from r1mega.bootstrap import Job
-from r1mega.checkpointing.train_state import (
-    find_latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from r1mega.checkpointing.train_state import load_latest_checkpoint, save_checkpoint
 from r1mega.data.prompts import PromptSampler
 from r1mega.logging_utils import print_rank0
 from r1mega.monitoring.wandb_logger import WandbMonitor
@@ -118,11 +114,11 @@ def _start(job: Job, policy: Policy, optimizer: Any, scheduler: Any,
     optimizer, schedule, RNG and row position), else 1 with ``checkpoint.load``'s
     weights (if any; any kind of weights path, as for RL)."""
     cfg = job.cfg
-    latest = find_latest_checkpoint(cfg.checkpoint.save_dir)
-    if latest is None:
+    resumed = load_latest_checkpoint(cfg.checkpoint.save_dir, policy, optimizer, scheduler)
+    if resumed is None:
         job.load_weights(policy, cfg.checkpoint.load)
         return 1
-    state = load_checkpoint(latest, policy, optimizer, scheduler)
+    latest, state = resumed
     if "sampler" not in state:
         raise ValueError(f"{latest} is not an SFT checkpoint (no data position); use "
                          f"another checkpoint.save_dir, or checkpoint.load for its weights")

@@ -6,14 +6,18 @@ import os
 import signal
 
 
-def die_with_parent() -> None:
+def die_with_parent(expected_parent: int | None = None) -> None:
     """Have the kernel SIGKILL this process when its parent (the trainer) dies.
 
     A trainer killed by SIGKILL (OOM killer, a failed node, a fault-injection test)
     cannot shut its helper processes down; orphans would keep running and hold the
     job's stdout open, so the launcher would wait for them forever. Used as the
-    initializer of every helper process the project starts (reward pools, the
-    checkpoint writer's results manager). Linux only; a no-op elsewhere.
+    initializer of every helper process the project starts (reward workers, the
+    checkpoint writer's results manager) and by every rank a local launcher starts.
+    Linux only; a no-op elsewhere.
+
+    If the parent died before the request took effect, the process exits: its parent is
+    then no longer ``expected_parent`` (when given), or it was adopted by PID 1.
     """
     import ctypes
 
@@ -23,5 +27,6 @@ def die_with_parent() -> None:
         return
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    parent = os.getppid()
+    if parent == 1 or (expected_parent is not None and parent != expected_parent):
         os._exit(1)
