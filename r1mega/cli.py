@@ -147,7 +147,8 @@ def processes(args: argparse.Namespace, default: int) -> tuple[int, bool]:
 
 
 def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from r1mega.launch import relaunch_local, run_rank, under_launcher
+    from r1mega.launch import LAUNCHER_PID_ENV, relaunch_local, run_rank, under_launcher
+    from r1mega.preflight import check_before_launch
 
     if not under_launcher():
         # Validate once in the parent so a bad config fails before any process starts.
@@ -156,6 +157,7 @@ def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         load_config(args.config, args.overrides, world_size=world_size)
         if args.command in ("train", "sample"):  # the jobs that score responses
             _check_rewards(probe)
+        check_before_launch(probe, args.command)  # data, vocabulary, rollout budget
         from r1mega.checkpointing.hf_cache import prepare_weights
 
         prepare_weights(probe)  # an HF checkpoint.load: converted once, before the ranks
@@ -164,6 +166,8 @@ def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     else:
         world_size, _ = processes(args, 1)
     cfg = load_config(args.config, args.overrides, world_size=world_size)
+    if under_launcher() and LAUNCHER_PID_ENV not in os.environ:
+        check_before_launch(cfg, args.command)  # srun / torchrun: before any pretraining
     import importlib
 
     module, function = JOB_ENTRIES[args.command]

@@ -118,6 +118,8 @@ class PromptDataset:
             tasks carry tests in ``metadata`` instead and set this to ``False``.
         max_warnings: per-row warnings logged before only the summary is (a corrupt
             million-row file must not flood the log; ``skipped`` still lists every row).
+        max_examples: stop reading after this many valid rows (checks before launch
+            read a file's first rows only; a file with no valid row is still read whole).
 
     Attributes:
         examples: the valid rows as :class:`PromptExample`, ``index`` = position here.
@@ -127,12 +129,13 @@ class PromptDataset:
 
     def __init__(self, path: str | Path, prompt_field: str = "problem",
                  answer_field: str | None = "answer", require_answer: bool = True,
-                 max_warnings: int = 20) -> None:
+                 max_warnings: int = 20, max_examples: int | None = None) -> None:
         self.path = Path(path)
         self.prompt_field = prompt_field
         self.answer_field = answer_field or None
         self.require_answer = require_answer and self.answer_field is not None
         self.max_warnings = max_warnings
+        self.max_examples = max_examples
         self.examples: list[PromptExample] = []
         self.skipped: list[SkippedRow] = []
         self.skip_counts: Counter[str] = Counter()
@@ -154,7 +157,7 @@ class PromptDataset:
         else:
             self._load_json()
 
-        if self.skipped:
+        if self.skipped and self.max_warnings:
             logger.warning(
                 "%s: skipped %d of %d rows (%s)", self.path, len(self.skipped),
                 len(self.skipped) + len(self.examples),
@@ -165,11 +168,13 @@ class PromptDataset:
                 "; skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skip_counts.items()))
                 if self.skipped else " (the file has no rows)"
             )
+            first = (f" (first: line {self.skipped[0].line}, {self.skipped[0].reason})"
+                     if self.skipped and not self._row_indexed else "")
             raise EmptyDatasetError(
                 f"prompt file {self.path} has no valid rows with prompt field "
                 f"{self.prompt_field!r}"
                 + (f" and answer field {self.answer_field!r}" if self.require_answer else "")
-                + detail
+                + detail + first
             )
 
     # ------------------------------------------------------------------ loading
@@ -193,9 +198,13 @@ class PromptDataset:
             if isinstance(items, list):
                 self._row_indexed = True
                 for i, item in enumerate(items):
+                    if self._enough():
+                        return
                     self._add_row(item, i, f"{self.path}:item {i}")
                 return
         for lineno, line in enumerate(raw.splitlines(), start=1):
+            if self._enough():
+                return
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not rows
             try:
@@ -215,10 +224,29 @@ class PromptDataset:
 
         self._row_indexed = True
         row_index = 0
-        for batch in pq.ParquetFile(self.path).iter_batches():
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types
+            raise ValueError(f"prompt file {self.path} is not a readable Parquet file: "
+                             f"{type(e).__name__}: {e}") from None
+        columns = parquet.schema_arrow.names
+        needed = [("prompt", self.prompt_field)]
+        if self.require_answer and self.answer_field is not None:
+            needed.append(("answer", self.answer_field))
+        for what, name in needed:
+            if name not in columns and name.split(".")[0] not in columns:
+                raise EmptyDatasetError(
+                    f"prompt file {self.path} has no column {name!r} for the {what} "
+                    f"(columns: {', '.join(columns) or 'none'})")
+        for batch in parquet.iter_batches():
             for row in batch.to_pylist():
+                if self._enough():
+                    return
                 self._add_row(row, row_index, f"{self.path}:row {row_index}")
                 row_index += 1
+
+    def _enough(self) -> bool:
+        return self.max_examples is not None and len(self.examples) >= self.max_examples
 
     def _add_row(self, row: Any, line: int, source: str) -> None:
         """Validate one decoded row and append it as an example, or record the skip."""
