@@ -175,8 +175,21 @@ def _deepseek_v3(config: Mapping[str, Any], include_mtp: bool) -> ModelConfig:
 def model_config_from_hf(config: Mapping[str, Any], include_mtp: bool = True) -> ModelConfig:
     """The r1mega ModelConfig that computes what the HF model of ``config`` computes.
 
-    ``include_mtp=False`` drops DeepSeek-V3's multi-token-prediction layers.
+    ``include_mtp=False`` drops DeepSeek-V3's multi-token-prediction layers. A field the
+    architecture needs that is missing or of the wrong type is a ConversionError.
     """
+    try:
+        return _model_config_from_hf(config, include_mtp)
+    except ConversionError:
+        raise
+    except KeyError as e:
+        raise ConversionError(f"config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ConversionError(f"config.json has a malformed field ({type(e).__name__}: "
+                              f"{e})") from None
+
+
+def _model_config_from_hf(config: Mapping[str, Any], include_mtp: bool) -> ModelConfig:
     arch = hf_architecture(config)
     if arch == "deepseek_v3":
         return _deepseek_v3(config, include_mtp)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from r1mega.convert.errors import ConversionError
 from r1mega.convert.fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, is_fp8, scale_shape, weight_dequant
@@ -51,20 +51,70 @@ class TensorInfo:
     end: int = 0
 
 
+#: Largest safetensors header accepted: the 671B release's largest is under 200 KB.
+MAX_HEADER_BYTES = 100 * 2**20
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def _data_ranges(path: Path) -> dict[str, tuple[int, int]]:
     """Absolute byte range of each tensor in a safetensors file, from its header
-    (8-byte little-endian header size, JSON header, data; offsets relative to the data)."""
+    (8-byte little-endian header size, JSON header, data; offsets relative to the data).
+
+    Every length in the header is checked against the file's size before anything is
+    read or allocated: a truncated shard, or a crafted header claiming petabytes, is a
+    :class:`ConversionError` naming the file, not a MemoryError or a library traceback."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    base = 8 + size
-    return {name: (base + meta["data_offsets"][0], base + meta["data_offsets"][1])
-            for name, meta in header.items() if name != "__metadata__"}
+        if size < 8:
+            raise ConversionError(f"{path}: {size} bytes is too short for a safetensors "
+                                  "file (truncated?)")
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise ConversionError(f"{path}: the safetensors header claims {header_len} bytes "
+                                  f"but the file has {size} (corrupt or truncated)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: the safetensors header is not valid JSON ({e})"
+                              ) from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: the safetensors header is not a JSON object")
+    base = 8 + header_len
+    ranges = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = (int(x) for x in meta["data_offsets"])
+            numel = 1
+            for dim in meta["shape"]:
+                numel *= int(dim)
+            itemsize = _DTYPE_BYTES[meta["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: malformed header entry for tensor {name}: "
+                                  f"{str(meta)[:200]}") from None
+        if not 0 <= start <= end or end - start != numel * itemsize:
+            raise ConversionError(f"{path}: tensor {name} has {end - start} bytes of data "
+                                  f"for shape {meta['shape']} {meta['dtype']}")
+        if base + end > size:
+            raise ConversionError(f"{path} is truncated: tensor {name} ends at byte "
+                                  f"{base + end}, the file has {size}")
+        ranges[name] = (base + start, base + end)
+    return ranges
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON object from ``path``; a malformed file is a :class:`ConversionError`."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object")
+    return data
 
 
 class HFCheckpointReader:
@@ -74,7 +124,10 @@ class HFCheckpointReader:
         self.directory = Path(directory)
         index = self.directory / INDEX_NAME
         if index.exists():
-            weight_map: dict[str, str] = read_json(index)["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index} has no weight_map of tensor -> file names")
             files = sorted(set(weight_map.values()))
         elif (self.directory / SINGLE_NAME).exists():
             files = [SINGLE_NAME]
@@ -88,18 +141,32 @@ class HFCheckpointReader:
             path = self.directory / name
             if not path.exists():
                 raise ConversionError(f"{INDEX_NAME} lists {name}, which is missing")
-            ranges = _data_ranges(path)
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    self.stored[key] = TensorInfo(name, tuple(sl.get_shape()),
-                                                  _ST_DTYPES[sl.get_dtype()], *ranges[key])
+            ranges = _data_ranges(path)  # checks the file before safetensors reads it
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        self.stored[key] = TensorInfo(name, tuple(sl.get_shape()),
+                                                      _ST_DTYPES[sl.get_dtype()], *ranges[key])
+            except (SafetensorError, KeyError) as e:
+                raise ConversionError(f"{path} cannot be read as safetensors: {e}") from None
 
     def _read_config(self) -> dict[str, Any]:
         path = self.directory / "config.json"
         if not path.exists():
             raise ConversionError(f"{self.directory} has no config.json")
         return read_json(path)
+
+    def model_config(self, include_mtp: bool = True) -> Any:
+        """The ModelConfig of this checkpoint's config.json; a missing or malformed field
+        is a ConversionError naming the file."""
+        from r1mega.convert.hf_config import model_config_from_hf
+
+        try:
+            return model_config_from_hf(self.config, include_mtp=include_mtp)
+        except ConversionError as e:
+            path = self.directory / "config.json"
+            raise ConversionError(f"{path}: {str(e).removeprefix('config.json ')}") from None
 
     def _fp8_block(self) -> tuple[int, int]:
         quant = self.config.get("quantization_config") or {}

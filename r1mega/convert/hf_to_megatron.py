@@ -30,7 +30,6 @@ from r1mega.config.schema import ModelConfig
 from r1mega.convert.checks import check_mapping, check_tensors, expected_hf_shapes
 from r1mega.convert.errors import ConversionError
 from r1mega.convert.files import atomic_output_dir, check_target, copy_assets
-from r1mega.convert.hf_config import model_config_from_hf
 from r1mega.convert.hf_reader import HFCheckpointReader
 from r1mega.convert.mappings import TensorGroup, groups_for
 from r1mega.convert.megatron_layout import model_layout
@@ -113,7 +112,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str |
     """
     check_target(out_dir)
     reader = HFCheckpointReader(hf_dir)
-    model_cfg = model_config_from_hf(reader.config, include_mtp=include_mtp)
+    model_cfg = reader.model_config(include_mtp=include_mtp)
     dtype = dtype or default_dtype(reader.config)
     layout = model_layout(model_cfg, dtype)
     groups = groups_for(model_cfg)

@@ -71,8 +71,29 @@ class MegatronCheckpointReader:
                 f"{self.directory} is not a megatron distributed checkpoint (torch_dist): "
                 "metadata.json or .metadata is missing")
         self._reader = FileSystemReader(str(self.directory))
-        self.metadata: Metadata = self._reader.read_metadata()
+        try:
+            self.metadata: Metadata = self._reader.read_metadata()
+        except Exception as e:  # noqa: BLE001 - an unpickling error of any kind
+            raise ConversionError(f"{self.directory / '.metadata'} cannot be read "
+                                  f"({type(e).__name__}: {e})") from None
         self._reader.set_up_storage_reader(self.metadata, True)
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every byte range the metadata points at lies inside its file: a truncated or
+        missing shard is named before any tensor is read (or memory allocated for it)."""
+        needed: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            end = int(info.offset) + int(info.length)
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        for name, end in sorted(needed.items()):
+            path = self.directory / name
+            if not path.is_file():
+                raise ConversionError(f"{path} is missing (listed in {self.directory}/.metadata)")
+            size = path.stat().st_size
+            if size < end:
+                raise ConversionError(f"{path} is truncated: {size} bytes, the checkpoint's "
+                                      f"metadata needs {end}")
 
     def check(self, layout: MegatronLayout) -> None:
         """Every global tensor the layout needs is stored with the same global shape."""

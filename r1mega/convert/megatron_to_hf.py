@@ -45,6 +45,7 @@ from r1mega.convert.fp8 import (
     scale_shape,
 )
 from r1mega.convert.hf_config import hf_config_from_model_config, model_config_from_hf
+from r1mega.convert.hf_reader import read_json
 from r1mega.convert.hf_to_megatron import (
     HF_CONFIG_NAME,
     HF_DTYPES_NAME,
@@ -74,8 +75,7 @@ def _hf_config_dict(path: str | Path) -> tuple[dict[str, Any], Path]:
     file = p / "config.json" if p.is_dir() else p
     if not file.is_file():
         raise ConversionError(f"no HF config at {file}")
-    with open(file) as f:
-        return json.load(f), file.parent
+    return read_json(file), file.parent
 
 
 def _origins(megatron_dir: Path) -> tuple[Path | None, list[Path]]:
@@ -161,8 +161,9 @@ def _recorded_dtypes(megatron_dir: Path) -> tuple[str, dict[str, str]] | None:
     path = megatron_dir / HF_DTYPES_NAME
     if not path.is_file():
         return None
-    with open(path) as f:
-        record = json.load(f)
+    record = read_json(path)
+    if not isinstance(record.get("dtype"), str) or not isinstance(record.get("exceptions"), dict):
+        raise ConversionError(f"{path} is malformed: expected dtype and exceptions")
     return record["dtype"], record["exceptions"]
 
 
