@@ -216,6 +216,19 @@ def test_accuracy_true_and_false(accuracy: AccuracyReward) -> None:
     assert scores(accuracy(edge)) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
 
 
+def test_unparsable_ground_truth_is_counted_and_named(accuracy: AccuracyReward,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    bad = RewardInput("q", "<answer>5</answer>", "\\boxed{", source="data/train.jsonl:7")
+    before = accuracy.stats()["unparsable_ground_truth"]
+    with caplog.at_level("WARNING", logger="r1mega.rewards.accuracy"):
+        results = accuracy([bad, bad, sample("5", "5")])
+    assert scores(results) == [0.0, 0.0, 1.0]
+    assert results[0].info["unparsable_ground_truth"] is True
+    assert accuracy.stats()["unparsable_ground_truth"] == before + 2
+    warnings = [r.getMessage() for r in caplog.records if "data/train.jsonl:7" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot parse the ground truth" in warnings[0]  # once per row
+
+
 def test_accuracy_hang_and_crash_do_not_stall_the_batch(accuracy: AccuracyReward) -> None:
     old_pids = accuracy.runner.worker_pids()
     assert len(old_pids) == 2
@@ -247,12 +260,14 @@ def test_accuracy_hang_and_crash_do_not_stall_the_batch(accuracy: AccuracyReward
     assert scores(accuracy([sample("5", "5"), sample("6", "5")])) == [1.0, 0.0]
 
 
-def test_accuracy_dead_worker_is_blamed_alone() -> None:
-    with AccuracyReward({"verify_fn": FAULTY}, timeout_s=5.0, workers=1) as reward:
-        results = reward([sample("1", "1"), sample("DIE", "1"), sample("2", "2")])
-        assert scores(results) == [1.0, 0.0, 1.0]
-        assert "died" in results[1].info["error"]
-        assert reward.runner.worker_deaths == 1 and reward.stats()["errors"] == 1
+def test_accuracy_dead_worker_is_blamed_alone(accuracy: AccuracyReward) -> None:
+    deaths, errors = accuracy.runner.worker_deaths, accuracy.stats()["errors"]
+    results = accuracy([sample("1", "1"), sample("DIE", "1"), sample("2", "2"),
+                        sample("3", "3")])
+    assert scores(results) == [1.0, 0.0, 1.0, 1.0]
+    assert "died" in results[1].info["error"]
+    assert accuracy.runner.worker_deaths == deaths + 1
+    assert accuracy.stats()["errors"] == errors + 1
 
 
 # --------------------------------------------------------------------------- format
