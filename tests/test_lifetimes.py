@@ -103,7 +103,7 @@ def _one_line(stderr: str) -> str:
 
 
 def test_ranks_and_their_helpers_die_with_the_launcher(tmp_path: Path) -> None:
-    job = Job(tmp_path, "run", "--wandb")
+    job = Job(tmp_path, "run", "--rewards", "--wandb")
     try:
         job.wait_ready()
         before = _marked(job.marker)
@@ -131,7 +131,7 @@ def test_a_killed_rank_ends_the_job_with_one_line(tmp_path: Path) -> None:
 
 
 def test_a_failing_rank_ends_the_job_with_one_line(tmp_path: Path) -> None:
-    job = Job(tmp_path, "crash", "1")
+    job = Job(tmp_path, "crash", "1", "--rewards")
     try:
         code = job.proc.wait(timeout=300)
         assert code == 1, job.output()

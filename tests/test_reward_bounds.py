@@ -252,26 +252,27 @@ def test_interpreter_exits_after_timeouts_and_leaves_nothing_behind(tmp_path: Pa
     script = tmp_path / "score_and_exit.py"
     script.write_text(
         "import time\n"
-        "from r1mega.rewards import RewardFunction, RewardInput\n"
-        "def hang(gold, pred):\n"
-        "    if pred == 'HANG':\n"
-        "        time.sleep(600)\n"
-        "    return gold == pred\n"
+        "from r1mega.rewards import (Reward, RewardFunction, RewardInput, RewardResult,\n"
+        "                            register_reward)\n"
+        "@register_reward('sleepy')\n"
+        "class Sleepy(Reward):\n"
+        "    def score(self, sample):\n"
+        "        if sample.response == 'HANG':\n"
+        "            time.sleep(600)\n"
+        "        return RewardResult(1.0)\n"
         "if __name__ == '__main__':\n"
         "    pad = 'x' * 200_000  # large jobs: more than a pipe buffer\n"
-        "    spec = {'name': 'accuracy', 'params': {'verify_fn': 'score_and_exit:hang'}}\n"
-        "    fn = RewardFunction.from_config({'specs': [spec], 'workers': 2, 'timeout_s': 1})\n"
-        "    batch = [RewardInput(pad, f'<answer>{a}</answer>', '1', {'pad': pad})\n"
-        "             for a in ['HANG', '1', 'HANG', '1', '1']]\n"
-        "    for _ in range(2):\n"
-        "        total, _ = fn(batch)\n"
+        "    fn = RewardFunction.from_config({'specs': [{'name': 'sleepy'}], 'workers': 2,\n"
+        "                                     'timeout_s': 1})\n"
+        "    batch = [RewardInput(pad, r, metadata={'pad': pad}) for r in ['HANG', 'a', 'b']]\n"
+        "    total, _ = fn(batch)\n"
         "    print('scored', total, fn.stats()['workers/restarts'], flush=True)\n"
         "    # no close(): exiting must not wait on the killed or the live workers\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", key: value}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "scored [0.0, 1.0, 0.0, 1.0, 1.0] 4" in proc.stdout
+    assert "scored [0.0, 1.0, 1.0] 1" in proc.stdout
     deadline = time.monotonic() + 10.0  # SIGKILLed workers are reaped asynchronously
     while _marked(marker) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -98,6 +98,7 @@ def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _launches(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, list[str]]:
     import r1mega.launch
+    import r1mega.preflight
     from r1mega.cli import main
 
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
@@ -106,6 +107,8 @@ def _launches(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, li
     started: list[tuple[int, list[str]]] = []
     monkeypatch.setattr(r1mega.launch, "relaunch_local",
                         lambda n, args, port=None: started.append((n, list(args))) or 0)
+    # distill's dataset is written by an earlier stage (rejection sampling): not here.
+    monkeypatch.setattr(r1mega.preflight, "check_before_launch", lambda cfg, command: None)
     assert main(argv) == 0
     assert len(started) == 1, argv
     return started[0]

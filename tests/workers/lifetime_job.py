@@ -2,9 +2,9 @@
 (:func:`r1mega.launch.relaunch_local` with ``module="tests.workers.lifetime_job"``).
 
 Every rank runs under :func:`r1mega.launch.run_rank` as the trainer's ranks do, joins a
-gloo process group and keeps all-reducing; rank 0 holds reward scoring workers (and,
-with ``--wandb``, an offline W&B run and its service process), and first scores a batch
-in which one sample hangs, so its workers have been killed and replaced once. Then:
+gloo process group and keeps all-reducing. With ``--rewards`` rank 0 holds reward scoring
+workers and first scores a batch in which one sample hangs, so a worker has been killed
+and replaced; with ``--wandb`` it holds an offline W&B run and its service process. Then:
 
 * ``run``: all ranks all-reduce until killed;
 * ``crash R``: rank R raises ``ValueError`` while the others wait in an all-reduce.
@@ -44,7 +44,7 @@ def job(argv: list[str]) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     rewards = None
-    if rank == 0:
+    if rank == 0 and "--rewards" in argv:
         rewards = RewardFunction.from_config({"specs": [{"name": "test_lifetime_sleepy"}],
                                               "workers": 1, "timeout_s": 1.0})
         total, _ = rewards([RewardInput("q", "ok"), RewardInput("q", HANG)])
