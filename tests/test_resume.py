@@ -54,6 +54,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path: Path) -> None:
     shard = sorted(step_dir(killed, 2).glob("__*_0.distcp"))[-1]
     os.truncate(shard, shard.stat().st_size // 2)
     (step_dir(killed, 3) / META).write_text("{")
+    (killed / "latest").write_text(step_dir(killed, 3).name)  # as the saving run left it
 
     resumed = _train(killed)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
