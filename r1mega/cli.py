@@ -155,12 +155,15 @@ def _run_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         probe = load_config(args.config, args.overrides)
         world_size, spawn = processes(args, probe.launch.nproc_per_node)
         load_config(args.config, args.overrides, world_size=world_size)
-        if args.command in ("train", "sample"):  # the jobs that score responses
+        scores = args.command in ("train", "sample")  # the jobs that score responses
+        if scores:
             _check_rewards(probe)
         check_before_launch(probe, args.command)  # data, vocabulary, rollout budget
         from r1mega.checkpointing.hf_cache import prepare_weights
 
-        prepare_weights(probe)  # an HF checkpoint.load: converted once, before the ranks
+        # HF directories (checkpoint.load, the reward model): converted once, before the
+        # ranks start; the reward model's path is checked here.
+        prepare_weights(probe, reward_model=scores)
         if spawn:
             return relaunch_local(world_size, list(argv), port=None)
     else:

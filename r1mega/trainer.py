@@ -72,9 +72,7 @@ def _build_reward_model(cfg: Any, tokenizer: Any) -> Any:
         return None
     from r1mega.rewards.reward_model import RewardModelScorer
 
-    return RewardModelScorer(cfg.rewards.reward_model, tokenizer, cfg.data.template,
-                             cfg.train_layout, cfg.precision,
-                             micro_batch_size=cfg.train.micro_batch_size)
+    return RewardModelScorer.for_job(cfg, tokenizer)
 
 
 def _build_reward_fn(cfg: Any) -> Any:

@@ -1,8 +1,8 @@
 """Hugging Face model directories as weights: converted once, reused while unchanged.
 
 A job given an HF directory (``checkpoint.load``, ``r1mega eval|generate PATH``, the
-reward model) loads it through a megatron distributed checkpoint that the streaming
-converter (:mod:`r1mega.convert`) writes into a cache entry
+reward model of ``rewards.reward_model.load``) loads it through a megatron distributed
+checkpoint that the streaming converter (:mod:`r1mega.convert`) writes into a cache entry
 ``<root>/<model name>-<fingerprint>/``; later jobs (and every rank of this one) reuse it.
 
 The root is ``checkpoint.hf_cache_dir`` when set, else ``<checkpoint.save_dir>/hf_cache``
@@ -63,6 +63,12 @@ def cache_root(cfg: Any) -> Path:
         return Path(checkpoint.hf_cache_dir)
     if checkpoint.save_dir:
         return Path(checkpoint.save_dir) / "hf_cache"
+    return default_cache_root()
+
+
+def default_cache_root() -> Path:
+    """The cache of a job that has no run directory: ``$R1MEGA_CACHE_DIR`` or
+    ``~/.cache/r1mega/hf``."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     return Path.home() / ".cache" / "r1mega" / "hf"
@@ -184,12 +190,28 @@ def converted_hf_model(cfg: Any, source: WeightSource, log: Any = print) -> Path
     return converted_checkpoint(source, cache_root(cfg), options, log=log)
 
 
-def prepare_weights(cfg: Any) -> None:
-    """Before a job's processes start: convert ``checkpoint.load`` if it is an HF
-    directory without a current conversion, so that the ranks find it in the cache."""
-    from r1mega.checkpointing.paths import resolve_weight_source
+def converted_reward_model(source: WeightSource, root: Path, params_dtype: str,
+                           log: Any = print) -> Path:
+    """The megatron checkpoint of the HF reward model ``source`` (a one-label
+    ``*ForSequenceClassification`` directory) in ``params_dtype``, converted into ``root``
+    on first use. Every rank may call it."""
+    return converted_checkpoint(source, root, ConversionOptions(dtype=params_dtype,
+                                                                include_mtp=False), log=log)
 
+
+def prepare_weights(cfg: Any, reward_model: bool = False) -> None:
+    """Before a job's processes start: convert ``checkpoint.load`` and, for a job that
+    scores with it (``reward_model``), the reward model of ``rewards.reward_model.load``
+    where they are HF directories without a current conversion, so that the ranks find
+    them in the cache. The reward model is checked first (ConfigError naming the key), so
+    a wrong path fails before a long conversion."""
+    from r1mega.checkpointing.paths import resolve_weight_source
+    from r1mega.config.from_weights import reward_model_weights
+
+    scorer = reward_model_weights(cfg) if reward_model else None
     if cfg.checkpoint.load:
         source = resolve_weight_source(cfg.checkpoint.load)
         if source.kind is SourceKind.HF:
             converted_hf_model(cfg, source)
+    if scorer is not None and scorer.kind is SourceKind.HF:
+        converted_reward_model(scorer, cache_root(cfg), cfg.precision.params_dtype)

@@ -13,6 +13,9 @@ could not load). Training choices stay the config's: ``model.transformer_impl``,
 A DeepSeek-V3 directory whose ``config.json`` declares MTP layers it does not hold (what
 ``transformers``' ``save_pretrained`` writes) is used without MTP.
 
+``rewards.reward_model.load`` takes the same kinds of model directory, holding a reward
+model instead (:func:`reward_model_source`); each key refuses the other kind of model.
+
 :func:`model_directory_config` is the whole job config of a model directory, which
 ``r1mega eval|generate`` use for an HF directory and ``r1mega convert hf-to-megatron``
 stores beside the weights, with the sampling defaults of ``generation_config.json``.
@@ -72,7 +75,7 @@ def declared_mtp_missing(directory: Path, config: dict[str, Any]) -> bool:
                    for n in hf_tensor_names(directory))
 
 
-def _hf_model(directory: Path) -> Any:
+def _hf_model(directory: Path, key: str = "checkpoint.load") -> Any:
     from r1mega.convert.errors import ConversionError
     from r1mega.convert.hf_config import model_config_from_hf
 
@@ -81,16 +84,22 @@ def _hf_model(directory: Path) -> Any:
         return model_config_from_hf(config,
                                     include_mtp=not declared_mtp_missing(directory, config))
     except (ConversionError, KeyError) as err:
-        raise ConfigError(f"checkpoint.load={directory}: {HF_CONFIG}: {err}") from None
+        raise ConfigError(f"{key}={directory}: {HF_CONFIG}: {err}") from None
 
 
-def model_from_weights(source: WeightSource) -> dict[str, Any] | None:
+def _stored_model(directory: Path) -> dict[str, Any]:
+    """The ModelConfig fields a converted checkpoint stores (``r1mega_model.yaml``)."""
+    stored = OmegaConf.load(directory / MODEL_CONFIG)
+    return dict(OmegaConf.to_container(stored.get("model", stored), resolve=True))
+
+
+def model_from_weights(source: WeightSource, key: str = "checkpoint.load"
+                       ) -> dict[str, Any] | None:
     """The architecture fields ``source`` fixes, or None when the config's model stays."""
     if source.kind is SourceKind.HF:
-        fields = dataclasses.asdict(_hf_model(source.path))
+        fields = dataclasses.asdict(_hf_model(source.path, key))
     elif source.kind is SourceKind.CHECKPOINT and (source.path / MODEL_CONFIG).is_file():
-        stored = OmegaConf.load(source.path / MODEL_CONFIG)
-        fields = dict(OmegaConf.to_container(stored.get("model", stored), resolve=True))
+        fields = _stored_model(source.path)
     else:
         return None
     return {k: v for k, v in fields.items() if k not in TRAINING_CHOICES}
@@ -119,6 +128,10 @@ def apply_weights(cfg: DictConfig) -> None:
     except WeightSourceError as err:
         raise ConfigError(f"checkpoint.load={load}: {err}") from None
     model = model_from_weights(source)
+    if model is not None and model.get("head") == "scalar":
+        raise ConfigError(f"checkpoint.load={load}: a reward model (*ForSequenceClassification"
+                          ", one score per sequence), not a language model; a reward model "
+                          "goes in rewards.reward_model.load")
     if model is not None:
         cfg.model = OmegaConf.merge(cfg.model, model)
     tokenizer = tokenizer_from_weights(source)
@@ -128,6 +141,48 @@ def apply_weights(cfg: DictConfig) -> None:
         raise ConfigError(f"checkpoint.load={load}: no tokenizer there (looked for "
                           f"{' or '.join(TOKENIZER_FILES)}); set tokenizer.path to the "
                           "model's tokenizer directory")
+
+
+REWARD_MODEL_KEY = "rewards.reward_model.load"
+
+
+def reward_model_source(load: str | Path) -> WeightSource:
+    """The weights ``rewards.reward_model.load`` names, checked to be a reward model: a
+    Hugging Face ``*ForSequenceClassification`` directory with one label (converted once
+    into the job's cache, as an HF ``checkpoint.load`` is) or a converted checkpoint of one
+    (``r1mega convert hf-to-megatron``: ``head: scalar`` in its ``r1mega_model.yaml``).
+
+    Raises :class:`ConfigError`, one line naming the key, for anything else: a path that
+    names no weights, a language model, a run or step of a training job (a policy), a
+    classifier with several labels or of an unsupported architecture."""
+    try:
+        source = resolve_weight_source(load)
+    except WeightSourceError as err:
+        raise ConfigError(f"{REWARD_MODEL_KEY}={load}: {err}") from None
+    model = model_from_weights(source, key=REWARD_MODEL_KEY)
+    if model is None:
+        raise ConfigError(
+            f"{REWARD_MODEL_KEY}={load}: {source.describe()} is not a reward model: give a "
+            "Hugging Face *ForSequenceClassification directory with one label, or its "
+            f"conversion (`r1mega convert hf-to-megatron`, which writes {MODEL_CONFIG})")
+    if model.get("head") != "scalar":
+        raise ConfigError(
+            f"{REWARD_MODEL_KEY}={load}: a language model ({model.get('arch')}, head: "
+            f"{model.get('head', 'lm')}), not a reward model: a reward model is a "
+            "*ForSequenceClassification with one label (head: scalar)")
+    return source
+
+
+def reward_model_weights(cfg: Any) -> WeightSource | None:
+    """Before launch: the reward model's weights, when a ``data.sources`` entry is scored
+    by one (``reward: reward_model``; None otherwise), checked by
+    :func:`reward_model_source`."""
+    if not any(s.reward == "reward_model" for s in cfg.data.sources):
+        return None
+    load = cfg.rewards.reward_model.load
+    if not load:  # validate_config reports it, naming the sources
+        return None
+    return reward_model_source(load)
 
 
 def _chat_template(directory: Path) -> bool:

@@ -234,7 +234,8 @@ class SampleConfig:
 @dataclass
 class RewardModelConfig:
     """A reward model: the policy's architecture family with a scalar head, loaded from a
-    converted checkpoint (its model config travels in the checkpoint directory)."""
+    Hugging Face *ForSequenceClassification directory with one label (converted once into
+    the job's HF cache) or its conversion (its model config travels in the directory)."""
 
     load: str | None = None
     scale: float = 1.0  # score multiplier before it enters the GRPO reward

@@ -463,7 +463,8 @@ def _check_sources(errors: list[str], cfg: Any) -> None:
     needs_model = any(s.reward == "reward_model" for s in cfg.data.sources)
     if needs_model and not cfg.rewards.reward_model.load:
         errors.append("data.sources has a reward_model source but rewards.reward_model.load "
-                      "is not set (a converted reward model checkpoint)")
+                      "is not set (a Hugging Face *ForSequenceClassification directory or its "
+                      "conversion)")
 
 
 def _check_readability(errors: list[str], key: str, readability: Any) -> None:

@@ -4,7 +4,7 @@ Rule-scored prompts (``rules``) get the weighted sum of ``rewards.specs``, exact
 the RL run optimised (:class:`r1mega.rewards.RewardFunction`). General prompts
 (``reward_model``) have no verifiable answer and are judged by a reward model: any
 object with ``score(prompts, responses)`` (:class:`RewardModelScorer`). By default that
-is the converted reward model of ``rewards.reward_model.load``
+is the reward model of ``rewards.reward_model.load`` (an HF directory or its conversion)
 (:mod:`r1mega.rewards.reward_model`, as the stage-2 RL run uses); a caller may inject
 another one (a remote service, or a deterministic fake in tests). Rejection sampling
 only needs the scores, so nothing here depends on how they are computed.
@@ -101,8 +101,8 @@ def check_reward_model(cfg: Any, injected: RewardModelScorer | None) -> None:
 def resolve_reward_model(cfg: Any, injected: RewardModelScorer | None, tokenizer: Any
                          ) -> RewardModelScorer | None:
     """The reward-model scorer the run needs (collective when it loads one): ``None`` when
-    every source is rule-scored, else the injected one, else the converted reward model
-    of ``rewards.reward_model.load`` (:mod:`r1mega.rewards.reward_model`), whose scores
+    every source is rule-scored, else the injected one, else the reward model of
+    ``rewards.reward_model.load`` (:mod:`r1mega.rewards.reward_model`), whose scores
     include ``rewards.reward_model.scale``."""
     check_reward_model(cfg, injected)
     if not reward_model_sources(cfg):
@@ -111,6 +111,4 @@ def resolve_reward_model(cfg: Any, injected: RewardModelScorer | None, tokenizer
         return injected
     from r1mega.rewards.reward_model import RewardModelScorer as MegatronRewardModel
 
-    return MegatronRewardModel(cfg.rewards.reward_model, tokenizer, cfg.data.template,
-                               cfg.train_layout, cfg.precision,
-                               micro_batch_size=cfg.train.micro_batch_size)
+    return MegatronRewardModel.for_job(cfg, tokenizer)

@@ -2,8 +2,11 @@
 
 DeepSeek-R1's second RL stage mixes reasoning prompts (rule rewards) with general ones
 judged by a reward model. The reward model is a megatron model with a scalar head
-(:mod:`r1mega.models.reward_model`), converted from a Hugging Face sequence classifier,
-and runs in the *training* layout on the training ranks, like the reference policy:
+(:mod:`r1mega.models.reward_model`), loaded from ``rewards.reward_model.load``: a Hugging
+Face ``*ForSequenceClassification`` directory with one label (converted once into the
+job's HF cache, :mod:`r1mega.checkpointing.hf_cache`, and reused while its files are
+unchanged) or its conversion by ``r1mega convert hf-to-megatron``. It runs in the
+*training* layout on the training ranks, like the reference policy:
 
 * its weights stay in host memory between scoring passes and are copied to the device
   only while it scores (on a CPU-only machine the host is the device and they stay);
@@ -12,7 +15,11 @@ and runs in the *training* layout on the training ranks, like the reference poli
 
 The text scored is what the policy saw and wrote: the templated prompt followed by the
 response, truncated from the left to the model's context (the end of the response is
-where the score is read).
+where the score is read). A reward model directory with its own tokenizer files is read
+with that tokenizer (a released reward model need not share the policy's vocabulary);
+when that tokenizer has a chat template, the scored text is the conversation it formats
+(the prompt as the user's turn, the response as the assistant's), as the model was
+trained to score. Without tokenizer files the policy's tokenizer is used.
 """
 
 from __future__ import annotations
@@ -27,7 +34,11 @@ import torch
 import torch.distributed as dist
 
 from parallel.platform import gpu_available
+from r1mega.checkpointing.paths import SourceKind, WeightSource
+from r1mega.config.from_weights import REWARD_MODEL_KEY, has_tokenizer, reward_model_source
 from r1mega.data.templates import apply_template
+from r1mega.data.tokenizers import HFTokenizer, Tokenizer
+from r1mega.logging_utils import print_rank0
 
 
 def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -41,42 +52,88 @@ def _keep_scores(batch: dict[str, torch.Tensor], scores: torch.Tensor):
 
 
 class RewardModelScorer:
-    """``score(prompts, responses)`` with a converted reward model (collective)."""
+    """``score(prompts, responses)`` with a reward model (collective)."""
 
-    def __init__(self, rm_cfg: Any, tokenizer: Any, template: str, layout_cfg: Any,
-                 precision: Any, micro_batch_size: int = 4) -> None:
+    def __init__(self, rm_cfg: Any, tokenizer: Tokenizer, template: str, layout_cfg: Any,
+                 precision: Any, micro_batch_size: int = 4,
+                 cache_root: str | Path | None = None) -> None:
+        """``cache_root``: where an HF directory is converted (default: the cache of a job
+        without a run directory, :func:`~r1mega.checkpointing.hf_cache.default_cache_root`;
+        :meth:`for_job` passes the job's)."""
         from r1mega.checkpointing.model_io import load_model
         from r1mega.convert.hf_to_megatron import MODEL_CONFIG_NAME, load_model_config
         from r1mega.models import build_model
         from r1mega.training.policy import Policy
 
-        path = Path(rm_cfg.load)
-        config_file = path / MODEL_CONFIG_NAME
-        if not config_file.exists():
-            raise FileNotFoundError(
-                f"rewards.reward_model.load={rm_cfg.load}: no {MODEL_CONFIG_NAME} there; "
-                "convert a Hugging Face *ForSequenceClassification checkpoint with "
-                "`r1mega convert hf-to-megatron`")
-        model_cfg = load_model_config(config_file)
-        if model_cfg.head != "scalar":
-            raise ValueError(f"rewards.reward_model.load={rm_cfg.load} holds a model with "
-                             f"head={model_cfg.head!r}, not a reward model (head: scalar)")
+        source = reward_model_source(rm_cfg.load)
+        checkpoint = self._checkpoint(source, precision.params_dtype, cache_root)
+        model_cfg = load_model_config(checkpoint / MODEL_CONFIG_NAME)
+        self.tokenizer, self.chat = self._scoring_tokenizer(source.path, tokenizer)
+        if self.tokenizer.vocab_size > model_cfg.vocab_size:
+            whose = "its tokenizer" if self.tokenizer is not tokenizer else \
+                "the policy's tokenizer (it has no tokenizer files of its own)"
+            raise ValueError(f"{REWARD_MODEL_KEY}={rm_cfg.load}: {whose} has "
+                             f"{self.tokenizer.vocab_size} tokens but the reward model's "
+                             f"embedding has {model_cfg.vocab_size} rows")
         # TE when it imports, as for the policy (older conversions saved `local`).
         model_cfg.transformer_impl = "auto"
         model = build_model(model_cfg, layout_cfg, precision)
-        load_model([model], str(path))
+        load_model([model], str(checkpoint))
         model.eval()
         self.model_cfg = model_cfg
         self.policy = Policy(chunks=[model], config=model.config)
-        self.tokenizer = tokenizer
+        self.policy_tokenizer = tokenizer
         self.template = template
         self.scale = float(rm_cfg.scale)
         self.micro_batch_size = micro_batch_size
         self._host = _HostCopy(model) if gpu_available() else None
 
+    @classmethod
+    def for_job(cls, cfg: Any, tokenizer: Tokenizer) -> RewardModelScorer:
+        """The reward model of job config ``cfg`` (``rewards.reward_model``), in its
+        training layout and precision, an HF directory converted into the job's cache."""
+        from r1mega.checkpointing.hf_cache import cache_root
+
+        return cls(cfg.rewards.reward_model, tokenizer, cfg.data.template, cfg.train_layout,
+                   cfg.precision, micro_batch_size=cfg.train.micro_batch_size,
+                   cache_root=cache_root(cfg))
+
+    @staticmethod
+    def _checkpoint(source: WeightSource, params_dtype: str,
+                    cache_root: str | Path | None) -> Path:
+        """The megatron checkpoint to load: an HF directory's conversion (made by the
+        first rank to need it; the command line makes it before the ranks start)."""
+        from r1mega.checkpointing.hf_cache import converted_reward_model, default_cache_root
+
+        if source.kind is not SourceKind.HF:
+            assert source.checkpoint is not None
+            return source.checkpoint
+        root = Path(cache_root) if cache_root is not None else default_cache_root()
+        checkpoint = converted_reward_model(source, root, params_dtype,
+                                            log=lambda line: print(line, flush=True))
+        print_rank0(f"[r1mega] reward model from {checkpoint} (converted from "
+                    f"{source.path})")
+        return checkpoint
+
+    @staticmethod
+    def _scoring_tokenizer(directory: Path, policy_tokenizer: Tokenizer
+                           ) -> tuple[Tokenizer, bool]:
+        """(the tokenizer the reward model reads, whether it formats a chat): the model
+        directory's own when it has tokenizer files, else the policy's."""
+        if not has_tokenizer(directory):
+            return policy_tokenizer, False
+        own = HFTokenizer(directory)
+        return own, bool(own.chat_template)
+
     def _encode(self, prompt: str, response: str) -> list[int]:
-        ids = self.tokenizer.encode(apply_template(self.template, prompt, self.tokenizer)
-                                    + response)
+        if self.chat:
+            assert isinstance(self.tokenizer, HFTokenizer)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt},
+                 {"role": "assistant", "content": response}], tokenize=False)
+        else:
+            text = apply_template(self.template, prompt, self.policy_tokenizer) + response
+        ids = self.tokenizer.encode(text)
         return ids[-self.model_cfg.max_position_embeddings:]
 
     @torch.no_grad()
