@@ -3,8 +3,10 @@
 The commands are read from the README's "The same on a tiny CPU model" block and run in a
 fresh directory: a tiny Qwen2 with a BPE tokenizer trained on the spot goes through
 ``r1mega train`` (TP=2, straight from the HF directory), ``r1mega eval`` on the run,
-``r1mega convert megatron-to-hf`` and ``r1mega generate``; a tiny DeepSeek-V3 with an MTP
-layer, in the FP8 release format, trains at PP=2 and exports back to FP8. Checked against
+``r1mega convert megatron-to-hf`` and ``r1mega generate``, and, straight from the HF
+directory again, ``r1mega sample`` and ``r1mega sft`` (2 processes each, started with
+``--nproc 2``, reusing the RL run's conversion); a tiny DeepSeek-V3 with an MTP layer, in
+the FP8 release format, trains at PP=2 and exports back to FP8. Checked against
 independent references:
 
 * ``transformers`` loads the export (config, shards + index, tokenizer, chat template,
@@ -98,7 +100,8 @@ def walked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
         ["python", "tools/make_tiny_hf_model.py", "qwen2"], ["r1mega", "train",
                                                               "configs/hf_tiny_cpu.yaml"],
         ["r1mega", "eval", "runs/hf/rl"], ["r1mega", "convert", "megatron-to-hf"],
-        ["r1mega", "generate", "runs/hf/rl"],
+        ["r1mega", "generate", "runs/hf/rl"], ["r1mega", "sample", "configs/hf_tiny_cpu.yaml"],
+        ["r1mega", "sft", "configs/hf_tiny_cpu.yaml"],
         ["python", "tools/make_tiny_hf_model.py", "deepseek_v3"],
         ["r1mega", "train", "configs/hf_tiny_cpu.yaml"], ["r1mega", "convert", "megatron-to-hf"]]
     outputs = [_run(shlex.split(c), work).stdout for c in commands]
@@ -113,9 +116,31 @@ def test_rl_from_the_hf_directory_then_eval_on_the_run(walked: tuple[Path, list[
     assert [ln.split(" | ")[0] for ln in train.splitlines() if ln.startswith("step ")] == [
         "step 1/2", "step 2/2"]
     assert "[r1mega eval] 4 problems | pass@1 (k=2" in out[2]
-    v3 = out[6]
+    v3 = out[8]
     assert "train layout TP=1 PP=2" in v3 and "model deepseek_v3 (4 layers" in v3
     assert "step 2/2" in v3
+
+
+def test_sample_and_sft_from_the_hf_directory_at_two_processes(
+        walked: tuple[Path, list[str]]) -> None:
+    work, out = walked
+    sample, sft = out[5], out[6]
+    for job in (sample, sft):
+        # Two ranks, the model from config.json, the RL run's conversion reused.
+        assert "[r1mega] 2 process(es) via torchrun; train layout TP=2" in job
+        assert "model qwen2 (2 layers, hidden 64)" in job
+        assert "(converted from models/tiny-qwen2)" in job and "converting" not in job
+    stats = json.loads((work / "runs" / "hf" / "samples" / "stats.json").read_text())
+    rows = (work / "runs" / "hf" / "samples" / "dataset.jsonl").read_text().splitlines()
+    assert stats["complete"] and stats["kept"] == len(rows) == 8
+    run = json.loads((work / "runs" / "hf" / "samples" / "run.json").read_text())
+    assert run["tokenizer"] == {"type": "hf", "path": "models/tiny-qwen2"}
+    assert "sft data runs/hf/samples/dataset.jsonl: 8 rows read" in sft
+    assert [ln.split(" | ")[0] for ln in sft.splitlines() if ln.startswith("step ")] == [
+        "step 1/1"]
+    meta = json.loads((work / "runs" / "hf" / "sft" / "step_00000001" / "r1mega_meta.json")
+                      .read_text())
+    assert meta["world_size"] == 2
 
 
 def test_transformers_loads_the_export_and_decodes_what_r1mega_generates(

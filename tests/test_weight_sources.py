@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,53 @@ def test_checkpoint_load_is_checked_before_launch_by_name(tmp_path: Path) -> Non
         load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"checkpoint.load={tmp_path}/empty"])
 
 
+
+
+def _hf_dir(path: Path, architecture: str, **fields: object) -> Path:
+    """A Hugging Face directory as far as the checks before launch read it (config.json;
+    the weights file only has to exist)."""
+    path.mkdir(parents=True)
+    config = {"architectures": [architecture], "model_type": "qwen2", "vocab_size": 512,
+              "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+              "tie_word_embeddings": False, **fields}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_reward_model_is_checked_before_launch_by_name(monkeypatch: pytest.MonkeyPatch,
+                                                       fake_checkpoint: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """`r1mega train|sample` with a reward-model source refuse a wrong
+    rewards.reward_model.load in one line naming the key, before any process starts (and
+    before converting anything); checkpoint.load refuses a reward model."""
+    import r1mega.launch
+    from r1mega.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(r1mega.launch, "relaunch_local",
+                        lambda *a, **k: pytest.fail("launched despite a bad reward model"))
+    lm = _hf_dir(tmp_path / "lm", "Qwen2ForCausalLM")
+    rm = _hf_dir(tmp_path / "rm", "Qwen2ForSequenceClassification", num_labels=1)
+    three = _hf_dir(tmp_path / "three", "Qwen2ForSequenceClassification",
+                    id2label={"0": "a", "1": "b", "2": "c"})
+    cases = {tmp_path / "nowhere": "does not exist",
+             lm: r"a language model \(qwen2, head: lm\), not a reward model",
+             fake_checkpoint: "is not a reward model: give a Hugging Face",
+             three: "config.json has 3 labels"}
+    for command in ("train", "sample"):
+        for path, why in cases.items():
+            argv = [command, "configs/r1_stage2_tiny_cpu.yaml", "checkpoint.load=null",
+                    f"rewards.reward_model.load={path}", "sample.output_dir=unused",
+                    "--nproc", "2"]
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[0] == "r1mega: invalid configuration:"
+            assert len(err) == 2 and re.match(rf"rewards.reward_model.load={path}: .*{why}",
+                                              err[1]), err
+    with pytest.raises(ConfigError, match=rf"checkpoint.load={rm}: a reward model .*goes in "
+                       "rewards.reward_model.load"):
+        load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"checkpoint.load={rm}"])

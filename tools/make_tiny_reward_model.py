@@ -2,9 +2,11 @@
 """Build the tiny random reward model the CPU walk-through of the R1 pipeline uses.
 
     python tools/make_tiny_reward_model.py --out runs/tiny_reward_model
+    python tools/make_tiny_reward_model.py --hf --out models/tiny-reward-model
 
 writes a converted megatron checkpoint of a small random Qwen2ForSequenceClassification
-(byte-tokenizer vocabulary). Stage-2 RL points ``rewards.reward_model.load`` at it. See
+(byte-tokenizer vocabulary), or with ``--hf`` the Hugging Face directory itself. Stage-2
+RL points ``rewards.reward_model.load`` at either. See
 :mod:`r1mega.rewards.tiny_reward_model`.
 """
 

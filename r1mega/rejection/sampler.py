@@ -146,6 +146,7 @@ def run_sampling(cfg: Any, reward_model: RewardModelScorer | None = None
         raise ConfigError("sample.output_dir is not set: r1mega sample needs a directory for "
                           "dataset.jsonl and stats.json (e.g. sample.output_dir=runs/sample)")
     job = Job(cfg)
+    print_rank0(job.describe())
     rank0 = job.env.rank == 0
     prompts = load_prompts(cfg)
     check_reward_model(cfg, reward_model)

@@ -1,10 +1,11 @@
 """A tiny reward model for the CPU walk-through of the R1 pipeline and the tests.
 
-Real runs convert a released reward model (a Hugging Face ``*ForSequenceClassification``
-checkpoint with one label) with ``r1mega convert hf-to-megatron``. The tiny CPU setup has
-none and downloads nothing, so :func:`make_tiny_reward_model` builds one the same way: a
-small random ``Qwen2ForSequenceClassification`` for the byte tokenizer, saved as
-safetensors and converted with the project's converter. Its scores are meaningless but
+Real runs point ``rewards.reward_model.load`` at a released reward model (a Hugging Face
+``*ForSequenceClassification`` directory with one label), or at its conversion by
+``r1mega convert hf-to-megatron``. The tiny CPU setup has none and downloads nothing, so
+this module builds one: a small random ``Qwen2ForSequenceClassification`` for the byte
+tokenizer, saved as safetensors (:func:`make_tiny_reward_model_dir`) and converted with
+the project's converter (:func:`make_tiny_reward_model`). Its scores are meaningless but
 deterministic, which is all the pipeline needs to run. The result is cached: a second
 call with the same directory returns it.
 """
@@ -55,12 +56,25 @@ def make_tiny_reward_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def make_tiny_reward_model_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """The tiny reward model as a Hugging Face directory at ``out_dir``, as a released one
+    is downloaded (built once, then reused); ``rewards.reward_model.load`` takes it as is."""
+    out = Path(out_dir)
+    if not (out / "config.json").exists():
+        tiny_reward_model_hf(out, seed)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/tiny_reward_model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hf", action="store_true",
+                        help="write the Hugging Face directory (as a released reward model "
+                        "is downloaded) instead of its converted checkpoint")
     args = parser.parse_args(argv)
-    print(f"tiny reward model: {make_tiny_reward_model(args.out, args.seed)}")
+    make = make_tiny_reward_model_dir if args.hf else make_tiny_reward_model
+    print(f"tiny reward model: {make(args.out, args.seed)}")
     return 0
 
 
