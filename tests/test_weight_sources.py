@@ -211,16 +211,15 @@ def test_reward_model_is_checked_before_launch_by_name(monkeypatch: pytest.Monke
              lm: r"a language model \(qwen2, head: lm\), not a reward model",
              fake_checkpoint: "is not a reward model: give a Hugging Face",
              three: "config.json has 3 labels"}
-    for command in ("train", "sample"):
-        for path, why in cases.items():
-            argv = [command, "configs/r1_stage2_tiny_cpu.yaml", "checkpoint.load=null",
-                    f"rewards.reward_model.load={path}", "sample.output_dir=unused",
-                    "--nproc", "2"]
-            assert main(argv) == 2, argv
-            err = capsys.readouterr().err.strip().splitlines()
-            assert err[0] == "r1mega: invalid configuration:"
-            assert len(err) == 2 and re.match(rf"rewards.reward_model.load={path}: .*{why}",
-                                              err[1]), err
+    runs = [("train", path, why) for path, why in cases.items()] + [("sample", lm, "a language")]
+    for command, path, why in runs:
+        argv = [command, "configs/r1_stage2_tiny_cpu.yaml", "checkpoint.load=null",
+                f"rewards.reward_model.load={path}", "sample.output_dir=unused", "--nproc", "2"]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0] == "r1mega: invalid configuration:"
+        assert len(err) == 2 and re.match(rf"rewards.reward_model.load={path}: .*{why}",
+                                          err[1]), err
     with pytest.raises(ConfigError, match=rf"checkpoint.load={rm}: a reward model .*goes in "
                        "rewards.reward_model.load"):
         load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"checkpoint.load={rm}"])
