@@ -59,6 +59,38 @@ Adaptations (megatron-core 0.19.2):
 The MoE ``alltoall`` dispatcher creates CUDA streams; on CPU the model
 provider selects the ``allgather`` dispatcher (see ``r1mega.models``), which is
 numerically identical.
+
+Dynamic inference (megatron-core 0.19.2's ``DynamicInferenceEngine`` /
+``DynamicInferenceContext`` / ``TextGenerationController``, the rollout engine's path on
+every machine):
+
+10. The engine times its steps with ``torch.cuda.Event(enable_timing=True)``;
+    torch's CPU event takes no arguments and has no ``elapsed_time``.
+    :class:`_CpuEvent` records a wall-clock time instead.
+11. Dynamic batching attends over a paged KV cache (a block table per request) with
+    flash-attention's varlen/paged kernels (``Attention.flash_decode_and_prefill``)
+    and, for MLA's absorbed decode, FlashMLA; ``Attention.forward`` also asserts
+    that flash-attn is installed. :func:`paged_attention` is the same computation in
+    torch: each request's blocks gathered from the block table, bottom-right causal
+    masking (a chunk of new queries sees every earlier key), GQA, and MLA's absorbed
+    decode over the latent cache (values are the latent's first ``kv_lora_rank``
+    channels, as FlashMLA reads them).
+12. ``dynamic_context`` imports a Triton KV-append kernel whenever Triton imports (it
+    does on CPU); launching it fails. It is switched off, so megatron's own indexed
+    copy appends keys and values.
+13. ``torch.cuda.memory_stats()`` feeds the engine's suspend/resume and step logs;
+    on CPU it reports zero device bytes.
+14. MoE layers under expert parallelism run megatron's training ``allgather``
+    dispatcher on CPU (the inference dispatchers need NVLink/NCCL buffers or TE), which
+    gathers equal-shaped tensors over the TP x EP group; dynamic batches give each
+    EP rank its own token count. During inference, :func:`_pad_moe_tokens_to_group`
+    pads each MoE layer's input to the group's largest token count and drops the
+    padding from the output (padding tokens never mix with real ones: routing and
+    expert MLPs act per token).
+
+MLA's ``prepare_for_absorption`` calls a TE-only split of ``linear_kv_up_proj``; with
+local specs the absorbed weights are views of the live projection. That is part of the
+upstream fix in :mod:`parallel.upstream_fixes`, which applies on GPU as well.
 """
 
 from __future__ import annotations
@@ -229,8 +261,166 @@ def apply_cpu_platform() -> bool:
 
     if multi_latent_attention.TELinear is None:
         multi_latent_attention.TELinear = duplicated_linear_class()
+    _apply_dynamic_inference_adaptations()
     _APPLIED = True
     return True
+
+
+class _CpuEvent:
+    """A CUDA-event stand-in with timing (adaptation 10): ``record`` notes the wall clock
+    (CPU work is synchronous, so the clock is where the stream is)."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False,
+                 interprocess: bool = False, external: bool = False) -> None:
+        self._time: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._time = time.perf_counter()
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def elapsed_time(self, end_event: _CpuEvent) -> float:
+        """Milliseconds from this event to ``end_event``, as CUDA events report them."""
+        if self._time is None or end_event._time is None:
+            raise RuntimeError("both events must be recorded before elapsed_time")
+        return (end_event._time - self._time) * 1000.0
+
+
+def _cpu_memory_stats(device: Any = None) -> dict[str, int]:
+    """Adaptation 13: the allocator counters megatron's logs read, all zero on CPU."""
+    return {f"{kind}.all.{when}": 0 for kind in ("allocated_bytes", "reserved_bytes",
+                                                 "allocation")
+            for when in ("current", "peak")}
+
+
+def _apply_dynamic_inference_adaptations() -> None:
+    """Adaptations 10-14 (megatron-core 0.19.2's dynamic inference engine on CPU)."""
+    from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.transformer import attention
+    from megatron.core.transformer.moe import moe_layer
+
+    torch.cuda.Event = _CpuEvent  # type: ignore[assignment,misc]  (10)
+    attention.Attention.flash_decode_and_prefill = _paged_attention_method  # (11)
+    attention.is_fa_min_version = lambda version, check_equality=True: True  # (11)
+    dynamic_context.triton_append_key_value_cache = None  # (12)
+    torch.cuda.memory_stats = _cpu_memory_stats  # type: ignore[assignment]  (13)
+    moe_layer.MoELayer.forward = _pad_moe_tokens_to_group(moe_layer.MoELayer.forward)  # (14)
+
+
+def _pad_moe_tokens_to_group(forward: Any) -> Any:
+    """Wrap ``MoELayer.forward`` so that, during inference with expert parallelism, every
+    rank of the TP x EP group passes the same number of tokens (adaptation 14)."""
+
+    @functools.wraps(forward)
+    def padded_forward(self: Any, hidden_states: torch.Tensor, *args: Any,
+                       **kwargs: Any) -> Any:
+        from megatron.core.inference.utils import InferenceMode
+
+        group = self.token_dispatcher.tp_ep_group
+        if not InferenceMode.is_active() or group is None or group.size() == 1:
+            return forward(self, hidden_states, *args, **kwargs)
+        count = torch.tensor([hidden_states.shape[0]], dtype=torch.long)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=group)
+        extra = int(count) - hidden_states.shape[0]
+        if extra == 0:
+            return forward(self, hidden_states, *args, **kwargs)
+        pad = hidden_states.new_zeros(extra, *hidden_states.shape[1:])
+        output, bias = forward(self, torch.cat([hidden_states, pad]), *args, **kwargs)
+        return output[:hidden_states.shape[0]], bias
+
+    return padded_forward
+
+
+def _paged_attention_method(self: Any, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                            seqlens_k: torch.Tensor, block_table: torch.Tensor,
+                            is_decode_only: bool, softmax_offset: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+    """``Attention.flash_decode_and_prefill`` on CPU (adaptation 11), same signature."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    if softmax_offset is not None:
+        raise NotImplementedError("paged attention on CPU does not implement softmax sinks")
+    if is_layer_window_attention(self.config.window_size, self.config.window_attn_skip_freq,
+                                 self.layer_number):
+        raise NotImplementedError("paged attention on CPU does not implement sliding windows")
+    scale = getattr(self, "softmax_scale", None)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    latent_rank = None
+    if is_decode_only and isinstance(self.config, MLATransformerConfig) \
+            and hasattr(self, "softmax_scale"):
+        latent_rank = self.config.kv_lora_rank  # absorbed decode over the latent cache
+    out = paged_attention(q.squeeze(1), k, v, cu_seqlens_q, seqlens_k, block_table, scale,
+                          latent_rank=latent_rank)
+    return out.unsqueeze(1)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                    cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor,
+                    block_table: torch.Tensor, scale: float,
+                    latent_rank: int | None = None) -> torch.Tensor:
+    """Attention of packed new queries over a paged KV cache, as flash-attention's paged
+    kernels compute it.
+
+    ``q`` is ``[total_q, heads, d]``: request ``i`` owns rows ``cu_seqlens_q[i]:
+    cu_seqlens_q[i+1]``, the newest of its ``seqlens_k[i]`` tokens. ``k_cache``/``v_cache``
+    are ``[blocks, block_size, kv_heads, d]``; request ``i``'s tokens live in blocks
+    ``block_table[i, :]`` in order. Query ``j`` of a request with ``n`` new and ``L`` total
+    tokens attends to keys ``0 .. L - n + j`` (bottom-right causal). With ``latent_rank``
+    (MLA's absorbed decode) ``k_cache`` is the latent cache ``[blocks, block_size,
+    latent]``, shared by all heads, and the values are its first ``latent_rank``
+    channels. Rows of padding requests (zero keys) and trailing padding rows are zero.
+    """
+    if latent_rank is not None:
+        k_cache = k_cache.unsqueeze(2)
+        v_cache = k_cache[..., :latent_rank]
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    out = q.new_zeros(q.shape[0], heads, v_cache.shape[-1])
+    lengths = seqlens_k.tolist()
+    starts = cu_seqlens_q.tolist()
+    real = [i for i, n in enumerate(lengths) if n > 0]
+    if not real:
+        return out
+    block = k_cache.shape[1]
+    width = max(-(-lengths[i] // block) for i in real)
+    rows = torch.tensor(real)
+    table = block_table[rows, :width].long().clamp_min(0)
+    keys = k_cache[table].flatten(1, 2)  # [n, width * block, kv_heads, d]
+    values = v_cache[table].flatten(1, 2)
+    total = torch.tensor([lengths[i] for i in real])[:, None, None]
+    key_pos = torch.arange(keys.shape[1])[None, None, :]
+    # Slots past a request's length hold whatever the buffer held (it is allocated
+    # uninitialised): a NaN there would leak through a zero attention weight.
+    written = (key_pos < total)[:, 0, :, None, None]
+    keys = torch.where(written, keys, 0)
+    values = torch.where(written, values, 0)
+    new = [starts[i + 1] - starts[i] for i in real]
+    longest = max(new)
+    query = q.new_zeros(len(real), longest, heads, q.shape[-1])
+    for slot, i in enumerate(real):
+        query[slot, :new[slot]] = q[starts[i]:starts[i + 1]]
+    fresh = torch.tensor(new)[:, None, None]
+    query_pos = total - fresh + torch.arange(longest)[None, :, None]
+    allowed = (key_pos <= query_pos) & (key_pos < total)  # [n, longest, keys]
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=allowed[:, None], scale=scale, enable_gqa=heads != kv_heads)
+    attended = attended.transpose(1, 2)  # [n, longest, heads, dv]
+    for slot, i in enumerate(real):
+        out[starts[i]:starts[i + 1]] = attended[slot, :new[slot]]
+    return out
 
 
 def manual_seed(seed: int) -> None:

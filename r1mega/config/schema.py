@@ -164,15 +164,26 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    # colocated: the rollout engine on the generation layout (KV cache, continuous
-    # batching, weights resharded each step); simple: the training-layout sampler
-    # without KV cache (a reference, quadratic in length).
+    # colocated: the rollout engine (megatron-core's dynamic inference engine) on the
+    # generation layout, weights resharded each step; simple: the training-layout
+    # sampler without KV cache (a reference, quadratic in length).
     engine: str = "colocated"  # colocated | simple
-    max_batch_size: int = 64  # decode slots per generation data-parallel replica
-    prefill_rows: int | None = None  # prompts prefilled per round once decoding runs
-    # KV cache length = longest prompt + factor * max_new_tokens (>= 1); more room means
-    # fewer compactions when finished rows are refilled.
-    kv_cache_length_factor: float = 2.0
+    # --- the engine (r1mega.rollout.engine) ---
+    max_batch_size: int = 64  # requests decoded together per generation DP replica
+    max_tokens_per_step: int = 2048  # tokens per forward pass; longer prefills are chunked
+    kv_block_tokens: int | None = None  # paged-KV block size; None: 64 (MLA), 256 (dense)
+    # KV buffer per rank in GiB; None: room for max_batch_size full-length sequences.
+    kv_cache_gib: float | None = None
+    prefix_caching: bool = True  # a GRPO group's samples share their prompt's KV blocks
+    chunked_prefill: bool = True
+    # MoE: record the experts each token used during the rollout and replay them in the
+    # training forward (rollout and trainer then route identically).
+    routing_replay: bool = False
+    # Rollout-vs-trainer log-prob parity, measured every step (rollout/logprob_diff_*):
+    # tokens whose |rollout - train| log-prob exceeds the threshold are counted; with a
+    # bound, a step whose mean gap exceeds it stops the run.
+    logprob_outlier_threshold: float = 0.1
+    logprob_check: float | None = None
     refit_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     offload_training_state: bool = True  # gradients and optimizer state off the GPU
     release_generation_weights: bool = True  # generation weights freed while training

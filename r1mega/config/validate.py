@@ -518,9 +518,30 @@ def _check_rollout_engine(errors: list[str], cfg: Any) -> None:
     _one_of(errors, "rollout.engine", rollout.engine, ROLLOUT_ENGINES)
     _one_of(errors, "rollout.refit_backend", rollout.refit_backend, REFIT_BACKENDS)
     _at_least(errors, "rollout.max_batch_size", rollout.max_batch_size, 1)
-    if rollout.prefill_rows is not None:
-        _at_least(errors, "rollout.prefill_rows", rollout.prefill_rows, 1)
-    _at_least(errors, "rollout.kv_cache_length_factor", rollout.kv_cache_length_factor, 1.0)
+    _at_least(errors, "rollout.max_tokens_per_step", rollout.max_tokens_per_step, 1)
+    if rollout.kv_cache_gib is not None and rollout.kv_cache_gib <= 0:
+        errors.append(f"rollout.kv_cache_gib={rollout.kv_cache_gib} must be > 0 (or null)")
+    if rollout.kv_block_tokens is not None:
+        _at_least(errors, "rollout.kv_block_tokens", rollout.kv_block_tokens, 1)
+        from r1mega.rollout.limits import MLA_BLOCK_TOKENS
+
+        if cfg.model.arch == "deepseek_v3" and rollout.kv_block_tokens != MLA_BLOCK_TOKENS:
+            errors.append(f"rollout.kv_block_tokens={rollout.kv_block_tokens} must be "
+                          f"{MLA_BLOCK_TOKENS} for deepseek_v3 (MLA's latent cache)")
+    if rollout.logprob_outlier_threshold <= 0:
+        errors.append(f"rollout.logprob_outlier_threshold={rollout.logprob_outlier_threshold} "
+                      "must be > 0")
+    if rollout.logprob_check is not None and rollout.logprob_check <= 0:
+        errors.append(f"rollout.logprob_check={rollout.logprob_check} must be > 0 (or null)")
+    if rollout.routing_replay:
+        if cfg.model.num_experts is None:
+            errors.append("rollout.routing_replay=true needs an MoE model (model.num_experts)")
+        if rollout.engine != "colocated":
+            errors.append("rollout.routing_replay=true needs rollout.engine=colocated")
+        if cfg.train.recompute is not None:
+            errors.append(f"rollout.routing_replay=true with train.recompute="
+                          f"{cfg.train.recompute}: replayed routing is not re-applied when "
+                          "activations are recomputed; set train.recompute=null")
     if rollout.engine != "colocated":
         return
     why = "the rollout engine decodes without"

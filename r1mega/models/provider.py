@@ -175,7 +175,8 @@ def build_model(model_cfg: Any, layout: Any, precision: Any | None = None,
 
 
 def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
-                           precision: Any | None = None) -> torch.nn.Module:
+                           precision: Any | None = None,
+                           record_routing: bool = False) -> torch.nn.Module:
     """The policy in a generation layout, on process groups of its own.
 
     Same architecture and provider as :func:`build_model`, but in ``layout`` over
@@ -183,6 +184,12 @@ def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
     while ``parallel_state`` keeps the training layout. Weights are left uninitialised
     (resharding overwrites every one of them) and the multi-token-prediction head is not
     built: decoding uses only the main head.
+
+    The model is configured for megatron's dynamic inference engine (the rollout engine):
+    MLA caches latents (``cache_mla_latents``), MoE inference uses the NCCL all-gather
+    token dispatcher type (the default NVLS type allocates NVLink symmetric memory under
+    expert parallelism), and with ``record_routing`` the routers record the experts they
+    choose (``moe_enable_routing_replay``) for routing replay in training.
     """
     if layout.pp != 1 or layout.cp != 1:
         raise ValueError(
@@ -195,6 +202,11 @@ def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
     # Decoding runs bf16 GEMMs even when training runs FP8 ones (r1mega.models.precision).
     config = build_transformer_config(model_cfg, layout, generation_precision(precision))
     config.perform_initialization = False
+    if model_cfg.arch == "deepseek_v3":
+        config.cache_mla_latents = True
+    if model_cfg.num_experts is not None:
+        config.inference_moe_token_dispatcher_type = "nccl"
+        config.moe_enable_routing_replay = record_routing
     model = _gpt_model(model_cfg, config, 0, True, True, with_mtp=False,
                        pg_collection=pg_collection)
     model.eval()

@@ -7,13 +7,19 @@ Per RL step, on every rank of the job:
 2. resharding: the training-layout weights are copied into the generation-layout model
    (:class:`parallel.resharding.WeightResharder`, megatron-core's refit);
 3. generation: each data-parallel replica of the generation layout decodes its share of
-   the rows with the engine (:mod:`r1mega.rollout.engine`), and the samples are gathered
-   so every rank holds all of them;
+   the rows with the engine (:mod:`r1mega.rollout.engine`, megatron-core's dynamic
+   inference engine: its KV memory is resumed, emptied (the weights just changed) and
+   suspended again afterwards), and the samples are gathered so every rank holds all of
+   them;
 4. memory handover back to training.
 
 The generation layout is chosen for decoding: typically more tensor or expert parallelism
 than training and no pipeline parallelism, so a token passes through the whole model on
 one group of ranks instead of waiting on pipeline bubbles.
+
+A growing generation budget (a response-length schedule) needs nothing from the caller:
+:meth:`ColocatedRollout.generate` passes each request's ``max_new_tokens`` and the engine
+re-sizes its context when a longer sequence arrives (:meth:`RolloutEngine.reserve`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from parallel.process_groups import process_groups_for_layout
 from parallel.resharding import WeightResharder
 from r1mega.models import build_generation_model
 from r1mega.monitoring.progress import progress_bar
-from r1mega.rollout.engine import GenerationEngine
+from r1mega.rollout.engine import EngineSettings, RolloutEngine
 from r1mega.rollout.handover import MemoryHandover
 from r1mega.rollout.types import GenerationRequest, Sample, SamplingParams
 
@@ -65,21 +71,21 @@ class ColocatedRollout:
         self.layout = Layout.from_config(cfg.generation_layout, dist.get_world_size(),
                                          name="generation_layout")
         self.groups = process_groups_for_layout(self.layout)
-        self.model = build_generation_model(cfg.model, self.layout, self.groups, cfg.precision)
+        self.model = build_generation_model(cfg.model, self.layout, self.groups, cfg.precision,
+                                            record_routing=cfg.rollout.routing_replay)
         self.resharder = WeightResharder(policy.chunks, self.model,
                                          backend=cfg.rollout.refit_backend)
         moe = cfg.model.num_experts is not None
-        self.engine = GenerationEngine(
-            self.model, self.groups.tp, max_batch_size=cfg.rollout.max_batch_size,
+        self.engine = RolloutEngine(
+            self.model, self.groups, EngineSettings.from_config(cfg.rollout),
             # Expert-parallel groups can span data-parallel replicas: with MoE every rank
-            # steps together; a dense model only needs its TP group to.
-            lockstep_group=None if moe else self.groups.tp,
-            prefill_rows=cfg.rollout.prefill_rows,
-            cache_length_factor=cfg.rollout.kv_cache_length_factor)
+            # steps together; a dense model's TP ranks already share their requests.
+            lockstep_group=None if moe else self.groups.tp)
         self.handover = MemoryHandover(
             policy, optimizer, self.model,
             offload_training_state=cfg.rollout.offload_training_state and optimizer is not None,
-            release_generation_weights=cfg.rollout.release_generation_weights)
+            release_generation_weights=cfg.rollout.release_generation_weights,
+            kv_cache_bytes=self.engine.resident_kv_bytes)
         self.metrics: dict[str, float] = {}
 
     def describe(self) -> str:
@@ -96,24 +102,21 @@ class ColocatedRollout:
         with self.handover.generation():
             reshard_s = self.resharder.reshard()
             start = time.perf_counter()
-            with progress_bar(len(requests), "generate", unit="resp") as bar:
-                local = self.engine.generate(requests, stop, decode,
-                                             on_finish=lambda: bar.update(1))
-            generate_s = time.perf_counter() - start
-            self.handover.kv_cache_bytes = self.engine.stats.kv_cache_bytes
-            held = self.handover.held_metrics("generation")
-            self.handover.kv_cache_bytes = 0
+            try:
+                with progress_bar(len(requests), "generate", unit="resp") as bar:
+                    local = self.engine.generate(requests, stop, decode,
+                                                 on_finish=lambda: bar.update(1))
+                generate_s = time.perf_counter() - start
+                held = self.handover.held_metrics("generation")
+            finally:
+                self.engine.suspend()  # the KV memory goes back before training resumes
+        held.update(self.handover.held_metrics("training"))
         gathered: list[Any] = [None] * dp_size
         dist.all_gather_object(gathered, local, group=self.groups.dp)
         samples = [s for part in gathered for s in part]
-        stats = self.engine.stats
         self.metrics = {
             "time/reshard": reshard_s, "time/generate": generate_s,
-            "rollout/decode_tokens_per_s": stats.tokens_per_s,
-            "rollout/prefill_rounds": float(stats.prefill_rounds),
-            "rollout/decode_rounds": float(stats.decode_rounds),
-            "rollout/compactions": float(stats.compactions),
-            "rollout/max_live_rows": float(stats.max_live_rows),
+            **self.engine.stats.as_metrics(),
             **self.resharder.traffic.as_metrics(),
             **held,
         }

@@ -1,33 +1,45 @@
-"""The rollout engine: batched, KV-cached, continuously batched decoding of a megatron model.
+"""The rollout engine: megatron-core's dynamic inference engine, driven for RL.
 
-Why not megatron-core's own engines (0.19.2)? Its ``StaticInferenceEngine`` decodes a fixed
-batch in lock step: a finished response keeps its row until the longest one ends, which
-for R1-style rollouts (lengths spread over an order of magnitude) wastes most of the
-decode steps. Its ``DynamicInferenceEngine`` batches continuously but needs CUDA kernels
-(flash attention with paged KV, Triton), so it cannot run on the CPU machines the project
-must build and test on. This engine keeps megatron's pieces, the model's own static
-KV-cache path (``StaticInferenceContext``) and ``InferenceMode`` (last-token logits,
-gathered over TP), and adds on top (see :mod:`r1mega.rollout.kv_cache`):
+megatron-core 0.19.2's ``DynamicInferenceEngine`` + ``DynamicInferenceContext`` +
+``TextGenerationController`` decode with a paged KV cache (fixed-size blocks handed to
+requests as they grow), continuous batching (requests join and leave every step),
+chunked prefill (long prompts prefilled in pieces within a per-step token budget),
+prefix caching (requests whose prompts share whole blocks share those blocks' KV, so
+the ``group_size`` samples of a GRPO prompt prefill it once), MLA's latent cache
+(``cache_mla_latents``: one ``kv_lora_rank + rope`` vector per token instead of
+per-head keys and values) and suspend/resume of the KV memory. The same code runs on GPU
+(flash-attention / FlashMLA kernels) and on CPU (the torch paged attention of
+:mod:`parallel.platform`).
 
-* continuous batching: ``max_batch_size`` slots; when a response ends, the next waiting
-  request is prefilled and takes its slot;
-* sampling per request (temperature, top-k, top-p, a seed per request), stop on EOS or a
-  stop string, ``max_new_tokens``, and the log-probability of every sampled token under
-  the temperature-scaled distribution (what the trainer recomputes);
-* lock step where the model needs it: with MoE, every rank of an expert-parallel group
-  must run the same forward passes with the same token counts (the CPU ``allgather``
-  dispatcher gathers equal shapes), so each round the ranks agree on its kind and shape
-  with one small all-reduce and pad with dummy rows.
+:class:`RolloutEngine` adds what RL needs on top, without forking megatron's loop:
 
-Each round is one forward pass: a *prefill* of waiting prompts, a *decode* of one token
-for every live row, or (rarely) a *compaction* that re-prefills live rows when the shared
-offset reaches the end of the cache.
+* **seeds per request** (:class:`r1mega.rollout.seeded_sampling.SeededSampling` as the
+  controller's sampling backend), so a sample never depends on its neighbours, its slot,
+  the generation layout or the DP size;
+* **string-level stop strings**: megatron matches token-id suffixes only; here each
+  step's new token is checked on decoded text through the controller's stop callback,
+  which ends the request in the same step;
+* **log-probabilities** of every sampled token under the temperature-scaled distribution
+  (megatron's ``processed_logprobs`` mode, computed by the seeded backend);
+* **lock step**: with MoE, the ranks of an expert-parallel group must run the same
+  number of forward passes; each step the lock-step group agrees whether anyone has work
+  (one all-reduce), and a rank without work runs megatron's ``dummy_forward``;
+* **no stale KV**: megatron's prefix cache is keyed by token ids only; every
+  :meth:`generate` starts from an empty cache (``reset``), so KV computed with earlier
+  weights can never be reused after a refit;
+* **memory**: :meth:`suspend` frees the KV buffer while the trainer runs and
+  :meth:`generate` resumes it; :meth:`reserve` (called by :meth:`generate` with what its
+  requests need) rebuilds the context when a longer generation budget arrives (a
+  response-length schedule), growing in powers of two so a growing budget rebuilds
+  rarely;
+* **MoE routing record** (optional): the experts chosen for every token during the
+  rollout, returned per sample for routing replay in the training forward.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,39 +47,97 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from r1mega.rollout.kv_cache import CacheBuffers, decode_mask, prefill_mask
-from r1mega.rollout.sampling import sample_tokens
-from r1mega.rollout.types import GenerationRequest, Sample, SamplingParams
+from r1mega.rollout.limits import DENSE_BLOCK_TOKENS, MLA_BLOCK_TOKENS
+from r1mega.rollout.seeded_sampling import SeededSampling
+from r1mega.rollout.types import GenerationRequest, Sample
 
 
-@dataclass
-class _Row:
-    """A request occupying a slot."""
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine sizes itself (``rollout.*`` config keys)."""
 
-    index: int  # position in the generate() call's request list
-    request: GenerationRequest
-    generator: torch.Generator
-    start: int  # first cache position of its tokens
-    response: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    max_requests: int  # max_batch_size: requests decoded together per replica
+    max_tokens_per_step: int = 2048  # tokens per forward pass (chunked prefill budget)
+    block_tokens: int | None = None  # KV block size; None: 64 for MLA, 256 otherwise
+    kv_cache_gib: float | None = None  # KV buffer; None: max_requests full-length sequences
+    prefix_caching: bool = True
+    chunked_prefill: bool = True
+    record_routing: bool = False  # MoE experts per token, for routing replay
+
+    @classmethod
+    def from_config(cls, rollout_cfg: Any) -> EngineSettings:
+        return cls(max_requests=rollout_cfg.max_batch_size,
+                   max_tokens_per_step=rollout_cfg.max_tokens_per_step,
+                   block_tokens=rollout_cfg.kv_block_tokens,
+                   kv_cache_gib=rollout_cfg.kv_cache_gib,
+                   prefix_caching=rollout_cfg.prefix_caching,
+                   chunked_prefill=rollout_cfg.chunked_prefill,
+                   record_routing=rollout_cfg.routing_replay)
 
 
 @dataclass
 class EngineStats:
-    """What the last :meth:`GenerationEngine.generate` did."""
+    """What the last :meth:`RolloutEngine.generate` did (this rank)."""
 
     requests: int = 0
     new_tokens: int = 0
-    prefill_rounds: int = 0
-    decode_rounds: int = 0
-    compactions: int = 0
-    max_live_rows: int = 0
-    kv_cache_bytes: int = 0
+    steps: int = 0  # forward passes with work
+    dummy_steps: int = 0  # lock-step forward passes without work
+    prompt_tokens: int = 0
+    prefill_tokens_computed: int = 0  # prompt tokens run through the model
+    prefill_tokens_skipped: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefix_cache_hits: int = 0  # requests that reused at least one cached block
+    max_active_requests: int = 0
+    peak_kv_blocks: int = 0  # most KV blocks in use at once
+    kv_cache_bytes: int = 0  # size of the KV buffer
+    kv_bytes_per_token: int = 0
+    context_builds: int = 0  # context (re)allocations so far (grows with the budget)
     seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_metrics(self, prefix: str = "rollout/") -> dict[str, float]:
+        skipped = self.prefill_tokens_skipped
+        total = self.prefill_tokens_computed + skipped
+        return {
+            f"{prefix}decode_tokens_per_s": self.tokens_per_s,
+            f"{prefix}engine_steps": float(self.steps),
+            f"{prefix}dummy_steps": float(self.dummy_steps),
+            f"{prefix}max_active_requests": float(self.max_active_requests),
+            f"{prefix}prefix_cache_hits": float(self.prefix_cache_hits),
+            f"{prefix}prefill_skipped_frac": skipped / total if total else 0.0,
+            f"{prefix}kv_peak_blocks": float(self.peak_kv_blocks),
+            f"{prefix}kv_cache_gib": self.kv_cache_bytes / 1024**3,
+        }
+
+
+def kv_bytes_per_token(config: Any, tp_size: int) -> int:
+    """KV-cache bytes one token occupies across all layers on one rank, as megatron's
+    dynamic context allocates them: the MLA latent (``kv_lora_rank + rope dim``, shared by
+    all heads) or per-head keys and values of this rank's query groups. Used for sizing
+    and by the planner (:mod:`r1mega.planner`)."""
+    dtype_bytes = torch.empty((), dtype=config.params_dtype).element_size()
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "cache_mla_latents", False):
+        return dtype_bytes * config.num_layers * (config.kv_lora_rank
+                                                  + config.qk_pos_emb_head_dim)
+    groups = config.num_query_groups or config.num_attention_heads
+    heads = max(groups // tp_size, 1)
+    return dtype_bytes * 2 * config.num_layers * heads * config.kv_channels
+
+
+class _SilentTokenizer:
+    """What megatron's engine asks of a tokenizer once a request ends (it detokenizes for
+    its own records): the rollout decodes nothing there, samples carry token ids."""
+
+    eod = -1
+
+    def detokenize(self, tokens: list[int], **_: Any) -> str:
+        return ""
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError("the rollout engine takes token ids, not text")
 
 
 class StopStrings:
@@ -84,6 +154,9 @@ class StopStrings:
         self.decode = decode
         self.window = max((len(s.encode()) for s in self.stops), default=0) + 1
 
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
     def hit(self, response: list[int]) -> bool:
         if not self.stops:
             return False
@@ -91,36 +164,156 @@ class StopStrings:
         return any(s in tail for s in self.stops)
 
 
-class GenerationEngine:
+@dataclass
+class _Call:
+    """The bookkeeping of one :meth:`RolloutEngine.generate` call."""
+
+    requests: Sequence[GenerationRequest]
+    stops: StopStrings
+    on_finish: Callable[[], None] | None
+    stopped: set[int] = field(default_factory=set)
+    results: dict[int, Sample] = field(default_factory=dict)
+
+
+class RolloutEngine:
     """Generates responses with a megatron GPTModel built for generation (one pipeline
-    stage, its own process groups; see :func:`r1mega.models.build_generation_model`).
+    stage, process groups of its own; see :func:`r1mega.models.build_generation_model`).
 
     Every rank of the model's TP group passes the same requests; ranks of different DP
-    replicas pass their own. ``lockstep_group`` is the group whose ranks must run
-    identical forward passes (``None``: the whole job, as MoE expert parallelism
-    needs; the TP group suffices for dense models).
+    replicas pass their own. ``lockstep_group`` is the group whose ranks must run the
+    same number of forward passes (``None``: the whole job, as MoE expert parallelism
+    needs; ``False``-like single-rank groups need no agreement).
     """
 
-    def __init__(self, model: torch.nn.Module, tp_group: Any, max_batch_size: int,
-                 lockstep_group: Any = None, prefill_rows: int | None = None,
-                 cache_length_factor: float = 2.0) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"rollout.max_batch_size={max_batch_size} must be >= 1")
+    def __init__(self, model: torch.nn.Module, pg_collection: Any, settings: EngineSettings,
+                 lockstep_group: Any = None) -> None:
+        from parallel.upstream_fixes import apply_upstream_fixes
+
+        apply_upstream_fixes()
+        if settings.max_requests < 1:
+            raise ValueError(f"rollout.max_batch_size={settings.max_requests} must be >= 1")
         self.model = model
-        self.tp_group = tp_group
+        self.pg_collection = pg_collection
+        self.settings = settings
         self.lockstep_group = lockstep_group
-        self.max_batch_size = max_batch_size
-        # Prompts prefilled per round once decoding runs (refills of freed slots; the
-        # first fill uses every slot). A quarter of the slots by default: rows finish a
-        # few at a time, and the scratch cache they are prefilled in costs memory.
-        self.prefill_rows = max(1, min(prefill_rows or max_batch_size // 4, max_batch_size))
-        self.cache_length_factor = cache_length_factor
-        self.vocab_size = model.vocab_size
-        param = next(model.parameters())
-        self.dtype, self.device = param.dtype, param.device
+        self.config = model.config
+        self.tp_size = dist.get_world_size(pg_collection.tp) if dist.is_initialized() else 1
+        mla = getattr(self.config, "cache_mla_latents", False)
+        self.block_tokens = settings.block_tokens or (MLA_BLOCK_TOKENS if mla
+                                                      else DENSE_BLOCK_TOKENS)
+        if mla and self.block_tokens != MLA_BLOCK_TOKENS:
+            raise ValueError(f"rollout.kv_block_tokens={self.block_tokens}: MLA's latent "
+                             f"cache needs {MLA_BLOCK_TOKENS}-token blocks")
+        # megatron pads requests per step to multiples of the TP size.
+        self.max_requests = -(-settings.max_requests // self.tp_size) * self.tp_size
+        self.max_tokens = max(settings.max_tokens_per_step, self.max_requests)
+        self.sampling = SeededSampling(pg_collection.tp)
+        self.bytes_per_token = kv_bytes_per_token(self.config, self.tp_size)
+        self.capacity = 0  # max sequence length (prompt + response) of the current context
+        self._engine: Any = None
+        self._router_replays: list[Any] = []
+        self._next_request_id = 0
+        self._call: _Call | None = None
+        self.context_builds = 0
         self.stats = EngineStats()
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ sizing
+
+    def kv_buffer_bytes(self, capacity: int) -> int:
+        """Bytes of the KV buffer for sequences of up to ``capacity`` tokens."""
+        if self.settings.kv_cache_gib is not None:
+            return int(self.settings.kv_cache_gib * 1024**3)
+        blocks = self.max_requests * math.ceil(capacity / self.block_tokens) + 1  # + dummy
+        return blocks * self.block_tokens * self.bytes_per_token
+
+    def reserve(self, max_sequence_length: int) -> None:
+        """Make room for sequences of ``max_sequence_length`` tokens (prompt + response):
+        rebuild the context (and its KV buffer) when the current one is shorter. Growth
+        goes to the next power of two (in blocks), so a growing response budget rebuilds
+        O(log) times. Collective over the lock-step group when it rebuilds (callers pass
+        the group's agreed maximum)."""
+        if max_sequence_length <= self.capacity and self._engine is not None:
+            return
+        blocks = math.ceil(max_sequence_length / self.block_tokens)
+        capacity = self.block_tokens * (1 << max(blocks - 1, 0).bit_length())
+        self._build(capacity)
+
+    def _build(self, capacity: int) -> None:
+        from megatron.core.inference.config import InferenceConfig, KVCacheManagementMode
+        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+        from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
+            GPTInferenceWrapper,
+        )
+        from megatron.core.inference.text_generation_controllers.text_generation_controller \
+            import TextGenerationController
+
+        self.release()
+        inference_config = InferenceConfig(
+            block_size_tokens=self.block_tokens,
+            buffer_size_gb=self.kv_buffer_bytes(capacity) / 1024**3,
+            max_requests=self.max_requests,
+            max_tokens=self.max_tokens,
+            max_sequence_length=capacity,
+            pg_collection=self.pg_collection,
+            materialize_only_last_token_logits=True,
+            enable_chunked_prefill=self.settings.chunked_prefill,
+            enable_prefix_caching=self.settings.prefix_caching,
+            kv_cache_management_mode=KVCacheManagementMode.RECOMPUTE,
+            logprobs_mode="processed_logprobs",
+            offset_sampling_seed_by_dp_rank=False,
+        )
+        context = DynamicInferenceContext(self.config, inference_config)
+        wrapper = GPTInferenceWrapper(self.model, context)
+        controller = TextGenerationController(wrapper, _SilentTokenizer())
+        controller._sampling = self.sampling
+        self._engine = DynamicInferenceEngine(controller, context)
+        controller.set_stop_word_finished_ids_callback(self._stop_string_hits)
+        self._router_replays = self._model_router_replays()
+        self.capacity = capacity
+        self.context_builds += 1
+
+    def _model_router_replays(self) -> list[Any]:
+        """This model's routing recorders, in layer order (megatron keeps one process-wide
+        list; it is pointed at this model's while this engine generates)."""
+        if not self.settings.record_routing:
+            return []
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        return [m.router_replay for m in self.model.modules()
+                if isinstance(m, TopKRouter) and m.router_replay is not None]
+
+    # ------------------------------------------------------------------ memory
+
+    def suspend(self) -> None:
+        """Free the KV buffer (training runs next); :meth:`generate` resumes it."""
+        if self._engine is not None:
+            self._engine.suspend()
+
+    def release(self) -> None:
+        """Drop the context and its buffers entirely (a rebuild follows)."""
+        if self._engine is not None:
+            self._engine.suspend()
+            self._engine = None
+            self.capacity = 0
+
+    def resident_kv_bytes(self) -> int:
+        """KV bytes held now (zero while suspended)."""
+        from megatron.core.inference.engines.dynamic_engine import EngineState
+
+        if self._engine is None or self._engine.state == EngineState.SUSPENDED:
+            return 0
+        buffer = getattr(self._engine.context, "memory_buffer", None)
+        return buffer.numel() * buffer.element_size() if buffer is not None else 0
+
+    # ------------------------------------------------------------------ generation
+
+    def _agree_max(self, values: list[int]) -> list[int]:
+        t = torch.tensor(values, dtype=torch.long)
+        if dist.is_initialized() and (self.lockstep_group is None
+                                      or dist.get_world_size(self.lockstep_group) > 1):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.lockstep_group)
+        return t.tolist()
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest], stop_strings: Sequence[str] = (),
@@ -128,245 +321,128 @@ class GenerationEngine:
                  on_finish: Callable[[], None] | None = None) -> list[Sample]:
         """One response per request, in request order (collective over the lock-step
         group; a rank may pass no requests). ``on_finish`` is called as each response
-        ends (progress reporting)."""
-        from megatron.core.inference.utils import InferenceMode
+        ends (progress reporting). Starts from an empty KV cache: the weights may have
+        changed since the last call."""
+        from megatron.core.inference.sampling_params import SamplingParams as MegatronParams
 
         started = time.perf_counter()
-        stops = StopStrings(stop_strings, decode)
-        longest_prompt = max((len(r.prompt_ids) for r in requests), default=1)
-        longest_new = max((r.params.max_new_tokens for r in requests), default=1)
         if any(not r.prompt_ids for r in requests):
             raise ValueError("every generation request needs a non-empty prompt")
-        offset, longest_new, most = self._agree_max([longest_prompt, longest_new,
-                                                      len(requests)])
-        length = offset + int(longest_new * self.cache_length_factor) + 1
-        self.stats = EngineStats(requests=len(requests))
-        # No more slots than the busiest rank of the lock step has requests.
-        slots = max(1, min(self.max_batch_size, most))
-        run = _Run(self, requests, stops, offset, length, slots, on_finish)
+        longest = max((len(r.prompt_ids) + r.params.max_new_tokens for r in requests),
+                      default=1)
+        (longest,) = self._agree_max([longest])
+        self.reserve(longest)
+        engine = self._engine
+        engine.resume()
+        engine.reset()  # empty prefix cache: KV from earlier weights is never reused
+        self.sampling.clear()
+        self._install_router_replays()
+        call = _Call(requests=requests, stops=StopStrings(stop_strings, decode),
+                     on_finish=on_finish)
+        self._call = call
+        ids: dict[int, int] = {}
+        for index, request in enumerate(requests):
+            request_id = self._next_request_id
+            self._next_request_id += 1
+            ids[request_id] = index
+            p = request.params
+            self.sampling.register(request_id, p, request.seed)
+            engine.add_request(request_id, list(request.prompt_ids), MegatronParams(
+                num_tokens_to_generate=p.max_new_tokens,
+                termination_id=p.eos_id if p.eos_id is not None else -1,
+                return_log_probs=True, skip_prompt_log_probs=True))
+        self.stats = EngineStats(requests=len(requests), context_builds=self.context_builds,
+                                 prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+                                 kv_cache_bytes=self.resident_kv_bytes(),
+                                 kv_bytes_per_token=self.bytes_per_token)
         try:
-            with InferenceMode.active():
-                run.loop()
+            self._loop(ids, call)
         finally:
-            self.stats.kv_cache_bytes = run.cache_bytes()
-            run.release()
+            self._call = None
+        self.stats.prefill_tokens_computed = engine._prefill_tokens_computed
+        self.stats.prefill_tokens_skipped = engine._prefill_tokens_skipped
+        self.stats.prefix_cache_hits = engine._prefix_cache_hits
+        if not self.settings.prefix_caching:
+            self.stats.prefill_tokens_computed = self.stats.prompt_tokens
         self.stats.seconds = time.perf_counter() - started
-        self.stats.new_tokens = sum(len(s.response_ids) for s in run.results)
-        return run.results
+        self.stats.new_tokens = sum(len(s.response_ids) for s in call.results.values())
+        return [call.results[i] for i in range(len(requests))]
 
-    # ------------------------------------------------------------------ helpers
-
-    def _agree_max(self, values: list[int]) -> list[int]:
-        """Element-wise maximum over the lock-step group."""
-        t = torch.tensor(values, dtype=torch.long)
-        if dist.is_initialized() and (self.lockstep_group is None
-                                      or dist.get_world_size(self.lockstep_group) > 1):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.lockstep_group)
-        return t.tolist()
-
-    def forward(self, tokens: torch.Tensor, context: Any, mask: torch.Tensor) -> torch.Tensor:
-        """Last-position logits ``[b, V]`` (fp32, full vocabulary) for ``tokens`` written
-        into ``context`` at its offset."""
-        offset = context.sequence_len_offset
-        positions = torch.arange(offset, offset + tokens.shape[1], device=self.device)
-        logits = self.model(input_ids=tokens.to(self.device),
-                            position_ids=positions.expand(tokens.shape[0], -1),
-                            attention_mask=mask.to(self.device), inference_context=context,
-                            runtime_gather_output=True)
-        return logits[:, -1, :self.vocab_size].float()
-
-    def sample(self, logits: torch.Tensor, rows: list[_Row | None]) -> tuple[list[int],
-                                                                                list[float]]:
-        """One token (and its log-probability) per row; ``None`` rows are padding.
-
-        Rows with equal sampling settings are sampled together, each with its own
-        generator. TP ranks hold identical logits and generators; the tokens of TP rank 0
-        are broadcast anyway so the replicas can never drift apart.
-        """
-        tokens = torch.zeros(len(rows), dtype=torch.long)
-        logprobs = torch.zeros(len(rows), dtype=torch.float32)
-        by_params: dict[tuple[float, int, float], list[int]] = {}
-        for i, row in enumerate(rows):
-            if row is not None:
-                p = row.request.params
-                by_params.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        for (temperature, top_k, top_p), members in by_params.items():
-            picked, logp = sample_tokens(logits[members].cpu(), temperature, top_k, top_p,
-                                         [rows[i].generator for i in members])
-            tokens[members], logprobs[members] = picked, logp
-        if dist.is_initialized() and dist.get_world_size(self.tp_group) > 1:
-            src = dist.get_global_rank(self.tp_group, 0)
-            dist.broadcast(tokens, src=src, group=self.tp_group)
-            dist.broadcast(logprobs, src=src, group=self.tp_group)
-        return tokens.tolist(), logprobs.tolist()
-
-
-class _Run:
-    """The state of one :meth:`GenerationEngine.generate` call."""
-
-    def __init__(self, engine: GenerationEngine, requests: Sequence[GenerationRequest],
-                 stops: StopStrings, offset: int, length: int, slots: int,
-                 on_finish: Callable[[], None] | None = None) -> None:
-        self.engine = engine
-        self.on_finish = on_finish
-        self.requests = requests
-        self.stops = stops
-        self.offset = offset  # next cache position to write; shared by all slots
-        self.length = length
-        self.queue = deque(range(len(requests)))
-        self.slots: list[_Row | None] = [None] * slots
-        self.prefill_rows = min(engine.prefill_rows, slots)
-        self.results: list[Sample] = [None] * len(requests)  # type: ignore[list-item]
-        self.main = CacheBuffers(engine.model, slots, length, engine.dtype, engine.device)
-        self._scratch: CacheBuffers | None = None  # only once a freed slot is refilled
-        self.first_fill = True
-
-    @property
-    def scratch(self) -> CacheBuffers:
-        if self._scratch is None:
-            self._scratch = CacheBuffers(self.engine.model, self.prefill_rows, self.length,
-                                         self.engine.dtype, self.engine.device)
-        return self._scratch
-
-    def cache_bytes(self) -> int:
-        return self.main.nbytes() + (self._scratch.nbytes() if self._scratch else 0)
-
-    def release(self) -> None:
-        self.main.release()
-        if self._scratch is not None:
-            self._scratch.release()
-
-    # ------------------------------------------------------------------ rounds
-
-    def loop(self) -> None:
-        engine = self.engine
+    def _loop(self, ids: dict[int, int], call: _Call) -> None:
+        engine = self._engine
+        context = engine.context
+        allocator = context.kv_block_allocator
         while True:
-            free = [s for s, row in enumerate(self.slots) if row is None]
-            capacity = len(self.slots) if self.first_fill else self.prefill_rows
-            refill = min(len(free), len(self.queue), capacity)
-            widest = max((len(self.requests[self.queue[i]].prompt_ids) for i in range(refill)),
-                         default=0)
-            live = [s for s, row in enumerate(self.slots) if row is not None]
-            rows = live[-1] + 1 if live else 0
-            compact = int(bool(live) and self.offset >= self.length)
-            refill, widest, rows, compact, work = engine._agree_max(
-                [refill, widest, rows, compact, int(bool(live or self.queue))])
-            if not work:
+            mine = int(engine.has_unfinished_requests())
+            (anyone,) = self._agree_max([mine])
+            if not anyone:
                 return
-            if compact:
-                self._compact()
-            elif refill:
-                self._prefill(refill, widest)
-            else:
-                self._decode(rows)
-            engine.stats.max_live_rows = max(engine.stats.max_live_rows,
-                                             sum(r is not None for r in self.slots))
-
-    def _prefill(self, count: int, width: int) -> None:
-        """Prefill up to ``count`` waiting prompts right-aligned at the shared offset and
-        sample their first tokens. The first fill writes straight into the slots; later
-        ones go through the scratch buffers and are copied into free slots."""
-        engine = self.engine
-        free = [s for s, row in enumerate(self.slots) if row is None]
-        mine = min(len(free), len(self.queue), count)
-        base = self.offset - width
-        starts, tokens = [], torch.zeros(count, width, dtype=torch.long)
-        new_rows: list[_Row | None] = []
-        for i in range(count):
-            if i < mine:
-                index = self.queue.popleft()
-                request = self.requests[index]
-                prompt = request.prompt_ids
-                tokens[i, width - len(prompt):] = torch.tensor(prompt)
-                starts.append(self.offset - len(prompt))
-                new_rows.append(_Row(index=index, request=request, start=starts[-1],
-                                     generator=torch.Generator().manual_seed(request.seed)))
-            else:  # padding row of the lock step: attends to its own (dummy) tokens
-                tokens[i].fill_(0)
-                starts.append(base)
-                new_rows.append(None)
-        target = self.main if self.first_fill else self.scratch
-        mask = prefill_mask(starts, base, width, engine.device)
-        logits = engine.forward(tokens, target.at(base), mask)
-        if not self.first_fill:
-            self.scratch.copy_rows_to(self.main, list(range(mine)), free[:mine], base,
-                                      self.offset)
-            placed = free[:mine]
-        else:
-            placed = list(range(mine))
-        self.first_fill = False
-        engine.stats.prefill_rounds += 1
-        picked, logps = engine.sample(logits, new_rows)
-        for slot, row, token, logp in zip(placed, new_rows, picked, logps, strict=False):
-            self.slots[slot] = row
-            self._append(slot, token, logp)
-
-    def _decode(self, rows: int) -> None:
-        """Feed every live row's latest token at the shared offset; sample the next."""
-        engine = self.engine
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
-        starts = []
-        batch: list[_Row | None] = []
-        for slot in range(rows):
-            row = self.slots[slot]
-            batch.append(row)
-            if row is None:
-                starts.append(self.offset)  # a free slot: attend to itself only
-            else:
-                tokens[slot, 0] = row.response[-1]
-                starts.append(row.start)
-        logits = engine.forward(tokens, self.main.at(self.offset),
-                                decode_mask(starts, self.offset, engine.device))
-        self.offset += 1
-        engine.stats.decode_rounds += 1
-        picked, logps = engine.sample(logits, batch)
-        for slot, row in enumerate(batch):
-            if row is not None:
-                self._append(slot, picked[slot], logps[slot])
-
-    def _compact(self) -> None:
-        """Re-prefill every live row from position 0 (prompt + response so far, except
-        the newest token, which the next decode feeds) so the cache has room again."""
-        engine = self.engine
-        histories = []
-        for row in self.slots:
-            histories.append(None if row is None
-                             else row.request.prompt_ids + row.response[:-1])
-        waiting = max((len(self.requests[i].prompt_ids) for i in self.queue), default=0)
-        longest = max([len(h) for h in histories if h is not None] + [waiting, 1])
-        (width,) = engine._agree_max([longest])
-        tokens = torch.zeros(len(self.slots), width, dtype=torch.long)
-        starts = []
-        for slot, history in enumerate(histories):
-            if history is None:
-                starts.append(0)
+            if not mine:
+                engine.controller.dummy_forward()
+                self.stats.dummy_steps += 1
                 continue
-            tokens[slot, width - len(history):] = torch.tensor(history)
-            starts.append(width - len(history))
-            self.slots[slot].start = starts[-1]
-        engine.forward(tokens, self.main.at(0), prefill_mask(starts, 0, width, engine.device))
-        self.offset = width
-        engine.stats.compactions += 1
+            result = engine.step_modern()
+            self.stats.steps += 1
+            self.stats.max_active_requests = max(
+                self.stats.max_active_requests,
+                len(result["active_request_ids"]) + len(result["finished_request_records"]))
+            self.stats.peak_kv_blocks = max(self.stats.peak_kv_blocks,
+                                            allocator.total_count - allocator.total_avail)
+            for record in result["finished_request_records"]:
+                self._finish(ids, call, record.merge())
 
-    # ------------------------------------------------------------------ bookkeeping
+    def _finish(self, ids: dict[int, int], call: _Call, request: Any) -> None:
+        from megatron.core.inference.inference_request import Status
 
-    def _append(self, slot: int, token: int, logprob: float) -> None:
-        row = self.slots[slot]
-        row.response.append(token)
-        row.logprobs.append(logprob)
-        params: SamplingParams = row.request.params
-        reason = None
-        if params.eos_id is not None and token == params.eos_id:
+        if request.status == Status.FAILED:
+            events = "; ".join(str(e.payload) for e in request.events
+                               if e.payload is not None)
+            raise RuntimeError(
+                f"the rollout engine could not take a request of {len(request.prompt_tokens)} "
+                f"prompt tokens (+{request.sampling_params.num_tokens_to_generate} new): "
+                f"{events or 'it does not fit the KV cache'}; raise rollout.kv_cache_gib")
+        index = ids[request.request_id]
+        params = call.requests[index].params
+        tokens = list(request.generated_tokens)
+        logprobs = list(request.generated_log_probs or [])
+        if params.eos_id is not None and tokens and tokens[-1] == params.eos_id:
             reason = "eos"
-        elif self.stops.hit(row.response):
+        elif request.request_id in call.stopped:
             reason = "stop"
-        elif len(row.response) >= params.max_new_tokens:
+        else:
             reason = "length"
-        if reason is None:
+        routing = None
+        if self._router_replays and request.routing_indices is not None:
+            routing = torch.from_numpy(request.routing_indices.astype("int16"))
+        call.results[index] = Sample(
+            prompt_ids=list(call.requests[index].prompt_ids), response_ids=tokens,
+            logprobs=logprobs, finished=reason != "length", stop_reason=reason,
+            routing=routing)
+        if call.on_finish is not None:
+            call.on_finish()
+
+    def _stop_string_hits(self, active_request_ids: list[int]) -> set[int]:
+        """The controller's stop callback: requests whose response, with the token sampled
+        this step, now contains a stop string (they end in this step, token included)."""
+        call = self._call
+        if call is None or not call.stops:
+            return set()
+        engine = self._engine
+        partial = engine.context.chunked_prefill_request_id
+        hits = set()
+        for request_id in active_request_ids:
+            token = self.sampling.last_tokens.get(request_id)
+            if request_id == partial or token is None:
+                continue
+            tokens = list(engine.get_request(request_id).generated_tokens) + [token]
+            if call.stops.hit(tokens):
+                hits.add(request_id)
+        call.stopped |= hits
+        return hits
+
+    def _install_router_replays(self) -> None:
+        if not self._router_replays:
             return
-        self.results[row.index] = Sample(
-            prompt_ids=list(row.request.prompt_ids), response_ids=row.response,
-            logprobs=row.logprobs, finished=reason != "length", stop_reason=reason)
-        self.slots[slot] = None
-        if self.on_finish is not None:
-            self.on_finish()
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.global_router_replay_instances[:] = self._router_replays

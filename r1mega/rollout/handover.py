@@ -7,9 +7,9 @@ resident together:
 * before generation: the gradient buffers are freed (their storage released; every view
   into them stays valid), the optimizer state moves to host memory, and the
   generation-layout weights get their storage back;
-* after generation: the generation weights are released (the KV cache is freed by the
-  engine when it finishes), gradients are re-allocated (zeroed) and the optimizer state
-  returns to the device.
+* after generation: the generation weights are released (the rollout engine suspends
+  its KV memory when it finishes), gradients are re-allocated (zeroed) and the optimizer
+  state returns to the device.
 
 megatron-core 0.19 provides the training half (``DistributedDataParallel.
 offload_grad_buffers`` / ``restore_grad_buffers``, ``MegatronOptimizer.offload_to_cpu`` /
@@ -22,7 +22,7 @@ are still released, the optimizer state has nowhere else to go and is reported a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,14 +54,15 @@ class MemoryHandover:
 
     def __init__(self, policy: Any, optimizer: Any, generation_model: torch.nn.Module,
                  offload_training_state: bool = True,
-                 release_generation_weights: bool = True) -> None:
+                 release_generation_weights: bool = True,
+                 kv_cache_bytes: Callable[[], int] = lambda: 0) -> None:
         self.policy = policy
         self.optimizer = optimizer
         self.generation_model = generation_model
         self.offload_training_state = offload_training_state
         self.release_generation_weights = release_generation_weights
         self._generation_sizes: dict[int, int] = {}
-        self.kv_cache_bytes = 0
+        self.kv_cache_bytes = kv_cache_bytes  # the engine's resident KV buffer
         if release_generation_weights:
             self._release_generation_weights()
 
@@ -130,7 +131,7 @@ class MemoryHandover:
                 (t for t in state + main_params if _on_device(t)), seen),
             "generation_weights": _storage_bytes(
                 (t for t in generation if _on_device(t)), seen),
-            "kv_cache": self.kv_cache_bytes,
+            "kv_cache": self.kv_cache_bytes(),
         }
 
     def held_metrics(self, phase: str) -> dict[str, float]:

@@ -15,11 +15,11 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     its own generator, so a request's samples do not depend on its batch neighbours.
     """
     logits = logits.float()
+    logprobs = temperature_logprobs(logits, temperature)
     if temperature == 0.0:
         tokens = logits.argmax(dim=-1)
-        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
     scaled = logits / temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
     filtered = scaled.clone()
     if top_k and top_k < filtered.shape[-1]:
         kth = torch.topk(filtered, top_k, dim=-1).values[:, -1:]
@@ -34,3 +34,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     tokens = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0]
                           for i in range(probs.shape[0])])
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def temperature_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax of ``logits / temperature`` (plain log softmax when greedy): the
+    distribution whose log-probabilities the rollout returns and the trainer recomputes."""
+    logits = logits.float()
+    return torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)

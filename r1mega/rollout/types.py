@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -35,3 +39,7 @@ class Sample:
     logprobs: list[float]  # of each response token, under the sampling temperature
     finished: bool  # stopped by EOS or a stop string (False: ran out of max_new_tokens)
     stop_reason: str = "length"  # eos | stop | length
+    # MoE experts chosen per token when the rollout records routing (routing replay):
+    # int16 [len(prompt_ids) + len(response_ids) - 1, moe_layers, topk], row j for the
+    # model's input token j (the last response token is never an input).
+    routing: "torch.Tensor | None" = None
