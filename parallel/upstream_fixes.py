@@ -44,6 +44,8 @@ import torch
 WRITTEN_FOR = "0.19.2"
 
 _APPLIED = False
+#: megatron-core's own methods that the fixes replace (by ``Class.method`` name).
+UPSTREAM: dict[str, Any] = {}
 
 
 def apply_upstream_fixes() -> None:
@@ -60,6 +62,9 @@ def apply_upstream_fixes() -> None:
             f"{package_info.__version__}; re-check whether {__file__} is still needed.",
             stacklevel=2)
     cls = mla.MultiLatentAttention
+    UPSTREAM["MultiLatentAttention.forward"] = cls.forward
+    UPSTREAM["MLASelfAttention.prepare_for_absorption"] = \
+        mla.MLASelfAttention.prepare_for_absorption
     cls.forward = _record_decode_only(cls.forward)
     cls.flash_decode_and_prefill = _flash_decode_and_prefill_with_mode
     mla.MLASelfAttention.prepare_for_absorption = prepare_for_absorption_live

@@ -33,6 +33,7 @@ from r1mega.monitoring.wandb_logger import WandbMonitor
 from r1mega.preemption import PreemptionHandler, finish_step
 from r1mega.rollout.batch import build_rollout_batch
 from r1mega.rollout.driver import Sampler, build_sampler, sample_groups, score
+from r1mega.rollout.parity import check_logprob_parity
 from r1mega.rollout.types import SamplingParams
 from r1mega.training.grpo_step import grpo_step
 from r1mega.training.optim import build_lr_scheduler, build_optimizer
@@ -104,8 +105,7 @@ def run_training(cfg: Any) -> list[StepRecord]:
         start_step = int(state["step"]) + 1
         print_rank0(f"[r1mega] resumed from {latest} (step {state['step']})")
     rollout = build_sampler(cfg, policy, optimizer, tokenizer)
-    if hasattr(rollout, "describe"):
-        print_rank0(f"[r1mega] rollout engine: {rollout.describe()}")
+    print_rank0(f"[r1mega] rollout engine: {rollout.describe()}")
     reward_fn = _build_reward_fn(cfg)
     reward_model = _build_reward_model(cfg, tokenizer)
     monitor = WandbMonitor(cfg)
@@ -166,7 +166,9 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
     metrics = grpo_step(policy, reference, optimizer, scheduler, batch, cfg.grpo, cfg.train,
                         dp_size=layout.dp, temperature=cfg.rollout.temperature or 1.0,
                         max_response_len=cfg.rollout.max_new_tokens,
-                        pack=cfg.train.pack_sequences)
+                        pack=cfg.train.pack_sequences,
+                        logprob_outlier_threshold=cfg.rollout.logprob_outlier_threshold)
+    check_logprob_parity(metrics, cfg.rollout.logprob_check)  # rollout vs trainer
     t3 = time.perf_counter()
     lengths = [len(s.response_ids) for s in samples]
     new_tokens = sum(lengths)
@@ -174,9 +176,7 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
     if reward_fn is not None:  # rank 0: cumulative timeouts, errors, unparsable answers ...
         metrics.update({f"reward/counts/{k}": float(v) for k, v in reward_fn.stats().items()})
     metrics.update(rollout.metrics)
-    handover = getattr(rollout, "handover", None)
-    if handover is not None:
-        metrics.update(handover.held_metrics("train"))
+    metrics.update(rollout.held_metrics("train"))
     metrics.update({
         "response_length": sum(lengths) / len(lengths),
         "response_length_max": float(max(lengths)), "truncated": float(truncated),

@@ -170,7 +170,9 @@ class RolloutConfig:
     engine: str = "colocated"  # colocated | simple
     # --- the engine (r1mega.rollout.engine) ---
     max_batch_size: int = 64  # requests decoded together per generation DP replica
-    max_tokens_per_step: int = 2048  # tokens per forward pass; longer prefills are chunked
+    # Tokens per forward pass (rounded up to a multiple of 64); longer prefills are
+    # chunked.
+    max_tokens_per_step: int = 2048
     kv_block_tokens: int | None = None  # paged-KV block size; None: 64 (MLA), 256 (dense)
     # KV buffer per rank in GiB; None: room for max_batch_size full-length sequences.
     kv_cache_gib: float | None = None

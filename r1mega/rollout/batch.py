@@ -12,7 +12,9 @@ def build_rollout_batch(samples: list[Sample], rewards: list[float], seq_length:
                         pad_id: int) -> tuple[RolloutBatch, int]:
     """Right-padded ``[B, seq_length + 1]`` tokens with the response mask on the label
     positions that predict response tokens; returns the batch and how many samples had
-    to be truncated to fit ``seq_length + 1`` tokens."""
+    to be truncated to fit ``seq_length + 1`` tokens. Samples that carry the rollout's
+    MoE routing give the batch a ``[B, seq_length, moe_layers, topk]`` routing record
+    (padding positions route to experts ``0..topk-1``; they never reach a loss)."""
     b = len(samples)
     tokens = torch.full((b, seq_length + 1), pad_id, dtype=torch.long)
     mask = torch.zeros(b, seq_length)
@@ -29,4 +31,20 @@ def build_rollout_batch(samples: list[Sample], rewards: list[float], seq_length:
             rollout_logp[i, start:end] = torch.tensor(s.logprobs[: end - start])
     return RolloutBatch(tokens=tokens, response_mask=mask,
                         rewards=torch.tensor(rewards, dtype=torch.float32),
-                        rollout_logprobs=rollout_logp), truncated
+                        rollout_logprobs=rollout_logp,
+                        routing=_routing(samples, seq_length)), truncated
+
+
+def _routing(samples: list[Sample], seq_length: int) -> torch.Tensor | None:
+    records = [s.routing for s in samples]
+    if all(r is None for r in records):
+        return None
+    if any(r is None for r in records):
+        raise ValueError("some samples carry MoE routing and some do not")
+    layers, topk = records[0].shape[1:]
+    routing = torch.arange(topk, dtype=records[0].dtype).expand(
+        len(samples), seq_length, layers, topk).clone()
+    for i, record in enumerate(records):
+        n = min(record.shape[0], seq_length)
+        routing[i, :n] = record[:n]
+    return routing

@@ -91,6 +91,9 @@ class ColocatedRollout:
     def describe(self) -> str:
         return f"generation layout {self.layout.describe()}"
 
+    def held_metrics(self, phase: str) -> dict[str, float]:
+        return self.handover.held_metrics(phase)
+
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
                  seeds: Sequence[int], stop: Sequence[str],
                  decode: Callable[[list[int]], str] | None) -> list[Sample]:
@@ -110,7 +113,6 @@ class ColocatedRollout:
                 held = self.handover.held_metrics("generation")
             finally:
                 self.engine.suspend()  # the KV memory goes back before training resumes
-        held.update(self.handover.held_metrics("training"))
         gathered: list[Any] = [None] * dp_size
         dist.all_gather_object(gathered, local, group=self.groups.dp)
         samples = [s for part in gathered for s in part]

@@ -22,11 +22,26 @@ from r1mega.rollout.types import Sample, SamplingParams
 
 
 class Sampler(Protocol):
+    """What training, evaluation, ``r1mega sample`` and ``generate`` ask of a sampler."""
+
+    #: The last :meth:`generate` call's metrics (timings, engine counters, memory).
     metrics: dict[str, float]
+
+    def describe(self) -> str:
+        """One line naming the sampler and its layout, for the job's start-up log."""
+        ...
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
                  seeds: Sequence[int], stop: Sequence[str],
-                 decode: Callable[[list[int]], str] | None) -> list[Sample]: ...
+                 decode: Callable[[list[int]], str] | None) -> list[Sample]:
+        """One sample per prompt (collective; every rank passes all rows and gets all
+        samples). ``params.max_new_tokens`` may grow from call to call."""
+        ...
+
+    def held_metrics(self, phase: str) -> dict[str, float]:
+        """Device memory the sampler's side of the job holds now, as
+        ``memory/<phase>/*`` metrics (empty when it keeps nothing of its own)."""
+        ...
 
 
 class TrainingLayoutSampler:
@@ -40,6 +55,12 @@ class TrainingLayoutSampler:
         self.policy = policy
         self.tokenizer = tokenizer
         self.metrics: dict[str, float] = {}
+
+    def describe(self) -> str:
+        return "training-layout sampler (no KV cache)"
+
+    def held_metrics(self, phase: str) -> dict[str, float]:
+        return {}
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
                  seeds: Sequence[int], stop: Sequence[str],

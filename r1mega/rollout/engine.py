@@ -83,6 +83,7 @@ class EngineStats:
     new_tokens: int = 0
     steps: int = 0  # forward passes with work
     dummy_steps: int = 0  # lock-step forward passes without work
+    chunked_prefill_steps: int = 0  # steps that prefilled part of a prompt
     prompt_tokens: int = 0
     prefill_tokens_computed: int = 0  # prompt tokens run through the model
     prefill_tokens_skipped: int = 0  # prompt tokens whose KV came from the prefix cache
@@ -206,7 +207,12 @@ class RolloutEngine:
                              f"cache needs {MLA_BLOCK_TOKENS}-token blocks")
         # megatron pads requests per step to multiples of the TP size.
         self.max_requests = -(-settings.max_requests // self.tp_size) * self.tp_size
-        self.max_tokens = max(settings.max_tokens_per_step, self.max_requests)
+        # megatron pads a step's tokens to multiples of 64 (its TOKEN_ROUNDER), so the
+        # per-step token budget is one too.
+        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+
+        self.max_tokens = DynamicInferenceContext.round_up_tokens(
+            max(settings.max_tokens_per_step, self.max_requests), self.tp_size)
         self.sampling = SeededSampling(pg_collection.tp)
         self.bytes_per_token = kv_bytes_per_token(self.config, self.tp_size)
         self.capacity = 0  # max sequence length (prompt + response) of the current context
@@ -239,7 +245,11 @@ class RolloutEngine:
         self._build(capacity)
 
     def _build(self, capacity: int) -> None:
-        from megatron.core.inference.config import InferenceConfig, KVCacheManagementMode
+        from megatron.core.inference.config import (
+            InferenceConfig,
+            KVCacheManagementMode,
+            PrefixCachingEvictionPolicy,
+        )
         from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
         from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
         from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
@@ -259,6 +269,9 @@ class RolloutEngine:
             materialize_only_last_token_logits=True,
             enable_chunked_prefill=self.settings.chunked_prefill,
             enable_prefix_caching=self.settings.prefix_caching,
+            # Blocks of finished requests stay cached until space is needed: a group's
+            # later samples reuse its prompt even after the first ones have finished.
+            prefix_caching_eviction_policy=PrefixCachingEvictionPolicy.LRU,
             kv_cache_management_mode=KVCacheManagementMode.RECOMPUTE,
             logprobs_mode="processed_logprobs",
             offset_sampling_seed_by_dp_rank=False,
@@ -383,6 +396,7 @@ class RolloutEngine:
                 continue
             result = engine.step_modern()
             self.stats.steps += 1
+            self.stats.chunked_prefill_steps += context.chunked_prefill_request_id != -1
             self.stats.max_active_requests = max(
                 self.stats.max_active_requests,
                 len(result["active_request_ids"]) + len(result["finished_request_records"]))

@@ -40,6 +40,7 @@ from r1mega.training.packing import (
 )
 from r1mega.training.policy import Policy
 from r1mega.training.reference import ReferencePolicy
+from r1mega.training.routing_replay import with_routing_replay
 from r1mega.training.schedule import forward_backward
 
 
@@ -51,6 +52,9 @@ class RolloutBatch:
     response_mask: torch.Tensor  # [B, S] 1 where labels (tokens[:, 1:]) are response tokens
     rewards: torch.Tensor  # [B]
     rollout_logprobs: torch.Tensor | None = None  # [B, S] from the generation engine
+    # [B, S, moe_layers, topk] experts per input token chosen by the rollout engine
+    # (routing replay: the policy's forward passes route by it).
+    routing: torch.Tensor | None = None
 
 
 def _token_view(batch: dict[str, Any], logits: torch.Tensor, temperature: float,
@@ -77,6 +81,7 @@ def _logprob_only_loss(key: str, temperature: float, batch: dict[str, Any],
 def _grpo_loss(loss_kwargs: dict[str, Any], temperature: float, on_policy: bool,
                batch: dict[str, Any], logits: torch.Tensor):
     view, logp, entropy = _token_view(batch, logits, temperature, with_entropy=True)
+    view.setdefault("train_logp", logp.detach())  # rollout parity (first epoch's weights)
     mask = view["loss_mask"]
     old_logp = logp.detach() if on_policy else view["old_logp"]
     terms = policy_loss_terms(
@@ -103,6 +108,8 @@ def _microbatches(batch: RolloutBatch, advantages: torch.Tensor, micro_batch_siz
     }
     if batch.rollout_logprobs is not None:
         full["rollout_logp"] = batch.rollout_logprobs.to(torch.float32)
+    if batch.routing is not None:
+        full["routing"] = batch.routing
     return data_parallel_microbatches(full, micro_batch_size, dp_rank, dp_size)
 
 
@@ -121,7 +128,8 @@ def _pack_all(mbs: list[dict[str, torch.Tensor]], sequence_parallel_tp: int
     total = -(-max(int(longest), 1) // multiple) * multiple
     packed_mbs = []
     for mb, n in zip(mbs, lengths, strict=True):
-        core = {k: mb[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        core = {k: mb[k] for k in ("tokens", "labels", "loss_mask", "position_ids", "routing")
+                if k in mb}
         core["lengths"] = n
         packed = pack_microbatch(core, pad_to_multiple=multiple, total_length=total)
         packed["padded"] = mb
@@ -170,9 +178,14 @@ def _sum_stats(stats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def grpo_step(policy: Policy, reference: ReferencePolicy | None, optimizer: Any,
               scheduler: Any, batch: RolloutBatch, grpo_cfg: Any, train_cfg: Any,
               dp_size: int, temperature: float = 1.0,
-              max_response_len: int | None = None, pack: bool = False) -> dict[str, float]:
+              max_response_len: int | None = None, pack: bool = False,
+              logprob_outlier_threshold: float = 0.1) -> dict[str, float]:
     """Run one GRPO update on this rank; returns global metrics (same on every rank)."""
     from megatron.core import parallel_state as ps
+
+    from r1mega.rollout.parity import logprob_parity
+
+    policy_forward = with_routing_replay(packed_rl_forward)
 
     rewards = batch.rewards.to(torch.float64)
     dp_rank = ps.get_data_parallel_rank()
@@ -200,7 +213,7 @@ def grpo_step(policy: Policy, reference: ReferencePolicy | None, optimizer: Any,
     on_policy = grpo_cfg.epochs_per_step == 1 and not kl_in_reward
     if not on_policy:
         forward_backward(policy, mbs, partial(_logprob_only_loss, "old_logp", temperature),
-                         forward_only=True, model_forward=packed_rl_forward)
+                         forward_only=True, model_forward=policy_forward)
     kl_penalty = None
     if kl_in_reward:
         kl_penalty = _kl_reward_penalties(mbs, grpo_cfg, len(rewards), dp_rank, dp_size,
@@ -221,7 +234,7 @@ def grpo_step(policy: Policy, reference: ReferencePolicy | None, optimizer: Any,
         optimizer.zero_grad()
         stats = forward_backward(policy, mbs, partial(_grpo_loss, loss_kwargs, temperature,
                                                       on_policy),
-                                 model_forward=packed_rl_forward)
+                                 model_forward=policy_forward)
         lr = optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
@@ -233,6 +246,8 @@ def grpo_step(policy: Policy, reference: ReferencePolicy | None, optimizer: Any,
         metrics["lr"] = lr
     if kl_penalty is not None:
         metrics["kl_penalty_mean"] = float(kl_penalty.mean())
+    if batch.rollout_logprobs is not None:
+        metrics.update(logprob_parity(mbs, logprob_outlier_threshold))
     metrics["reward_mean"] = float(batch.rewards.to(torch.float64).mean())
     metrics["advantage_abs_mean"] = float(advantages.abs().mean())
     metrics["uniform_group_frac"] = float(
