@@ -6,7 +6,8 @@ handover, the engine). For each batch size the same greedy batch is generated tw
 ``new_tokens`` and with 1 new token; the difference is ``new_tokens - 1`` decode steps
 without the prefill, so the decode step time excludes the prompt. Each is run once to
 warm up, then ``repeats`` times; the best time counts. Bytes read per step are counted
-from the generation model's own parameters and KV-cache layout (``r1mega.perf.roofline``).
+from the generation model's own parameters and the engine's KV layout
+(``r1mega.perf.roofline``, ``r1mega.rollout.kv_footprint``).
 """
 
 from __future__ import annotations
@@ -58,8 +59,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     rollout = ColocatedRollout(cfg, policy, optimizer=None)
     model = rollout.model
     weights = model_weight_bytes(model, tied_embedding=cfg.model.tie_embeddings)
-    element = next(model.parameters()).element_size()
-    kv_token = kv_cache_bytes_per_token(model, element)
+    kv_token = kv_cache_bytes_per_token(model)
     prompt_len, new = spec["prompt_len"], spec["new_tokens"]
     g = torch.Generator().manual_seed(1)
     rows = []
@@ -82,7 +82,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "kv_bytes_per_step": step_bytes.kv_cache,
             "roofline_step_seconds": step_bytes.total / spec["bandwidth"],
             "roofline_tokens_per_s": roofline, "fraction_of_roofline": achieved / roofline,
-            "decode_rounds": metrics.get("rollout/decode_rounds"),
+            "engine_steps": metrics.get("rollout/engine_steps"),
             "reshard_seconds": metrics.get("time/reshard"),
         })
     return {"model": spec["name"], "dtype": spec["dtype"],

@@ -1,9 +1,12 @@
 """Workers of bench/bench_rollout.py (run under torchrun; see that script).
 
-``decode SPEC OUT``: one process. A random transformers model of the spec's shape is
-saved, converted with the project's converter and loaded; the same greedy batch is
-decoded by the rollout engine and by ``transformers``' ``generate``. Each is run once to
-warm up, then timed ``repeats`` times; the best time counts.
+``rl SPEC OUT``: one process, the spec's systems (the rollout engine with and without
+prefix caching, ``transformers``' ``generate``, or the retired engine when run from an old
+checkout) on an RL-shaped workload: a random transformers model of the spec's shape, its
+EOS made likely enough that responses end at EOS after ~``mean_length`` tokens (spread
+roughly geometrically), saved, converted with the project's converter and loaded;
+``prompts`` prompts x ``group`` samples each at temperature 1. A warm-up run each, then
+``repeats`` rounds in which the systems take turns, on the same weights.
 
 ``reshard SPEC OUT``: N processes. For each layout pair the training-layout model is
 resharded into the generation layout with the project's plan, and with a naive
@@ -48,63 +51,133 @@ def _hf_model(spec: dict[str, Any]) -> Any:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def decode(spec: dict[str, Any], out: Path) -> None:
+def _calibrate_eos(model: Any, eos_id: int, mean_length: int) -> None:
+    """Tilt the EOS row of the output head towards the mean final hidden state until EOS
+    has probability ~1/mean_length at temperature 1: responses then end at EOS with
+    roughly geometric lengths (a random model would otherwise almost never stop)."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=g)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        head = model.lm_head.weight
+        base = head[eos_id].clone()
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        low, high = 0.0, 64.0
+        for _ in range(40):  # bisection on the tilt
+            mid = (low + high) / 2
+            head[eos_id] = base + mid * direction
+            p = torch.softmax(hidden @ head.T, dim=-1)[:, eos_id].mean()
+            low, high = (mid, high) if p < 1.0 / mean_length else (low, mid)
+        head[eos_id] = base + low * direction
+
+
+def _build_models(spec: dict[str, Any], tmp: str) -> tuple[Any, Any, Any]:
+    """(transformers model, project config, training-layout policy) with equal weights."""
     from r1mega.checkpointing.model_io import load_model
     from r1mega.convert import convert_hf_to_megatron, model_config_from_hf
+
+    hf = _hf_model(spec)
+    _calibrate_eos(hf, spec["eos_id"], spec["mean_length"])
+    hf.save_pretrained(tmp + "/hf")
+    convert_hf_to_megatron(tmp + "/hf", tmp + "/mg")
+    model_cfg = model_config_from_hf(json.loads(Path(tmp + "/hf/config.json").read_text()))
+    cfg = OmegaConf.merge(OmegaConf.structured(R1MegaConfig), {
+        "model": {**model_cfg.__dict__, "transformer_impl": "local"},
+        "precision": {"params_dtype": "float32"},
+        "rollout": {"max_batch_size": spec["max_batch_size"], **spec.get("rollout", {})}})
+    initialize_layout(Layout.from_config(cfg.train_layout, 1))
+    manual_seed(0)
+    policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
+    load_model(policy.chunks, tmp + "/mg")
+    return hf, cfg, policy
+
+
+def rl_workload(spec: dict[str, Any], out: Path) -> None:
+    """``spec["systems"]`` (engine | engine_no_prefix_cache | transformers) on the
+    RL-shaped workload: ``prompts`` prompts x ``group`` samples each, temperature 1,
+    responses ending at EOS (or ``max_new`` tokens). One warm-up run each, then
+    ``repeats`` rounds in which every system runs once, in turn."""
     from r1mega.rollout.colocated import ColocatedRollout
     from r1mega.rollout.types import SamplingParams
 
     importlib.import_module("torch.utils._device")._device_constructors()
     init_distributed()
-    hf = _hf_model(spec)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp + "/hf")
-        convert_hf_to_megatron(tmp + "/hf", tmp + "/mg")
-        model_cfg = model_config_from_hf(json.loads(Path(tmp + "/hf/config.json").read_text()))
-        cfg = OmegaConf.merge(OmegaConf.structured(R1MegaConfig), {
-            "model": {**model_cfg.__dict__, "transformer_impl": "local"},
-            "precision": {"params_dtype": "float32"},
-            "rollout": {"max_batch_size": spec["batch"]}})
-        initialize_layout(Layout.from_config(cfg.train_layout, 1))
-        manual_seed(0)
-        policy = build_policy(cfg.model, cfg.train_layout, cfg.precision)
-        load_model(policy.chunks, tmp + "/mg")
-    rollout = ColocatedRollout(cfg, policy, optimizer=None)
+        hf, cfg, policy = _build_models(spec, tmp)
     g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, hf.config.vocab_size, (spec["batch"], spec["prompt_len"]),
-                            generator=g)
-    new = spec["new_tokens"]
-    params = SamplingParams(max_new_tokens=new, temperature=0.0)
+    prompts = torch.randint(3, hf.config.vocab_size, (spec["prompts"], spec["prompt_len"]),
+                            generator=g).repeat_interleave(spec["group"], dim=0)
+    eos, new = spec["eos_id"], spec["max_new"]
+    hf.generation_config.pad_token_id = 0
 
-    def engine_run() -> list[list[int]]:
-        samples = rollout.generate(prompts.tolist(), params, [0] * len(prompts), [], None)
-        return [s.response_ids for s in samples]
+    def transformers_once(seed: int) -> dict[str, Any]:
+        torch.manual_seed(seed)
+        lengths = []
+        start = time.perf_counter()
+        for i in range(0, len(prompts), spec["max_batch_size"]):  # padded batches
+            batch = prompts[i:i + spec["max_batch_size"]]
+            with torch.no_grad():
+                ids = hf.generate(batch, attention_mask=torch.ones_like(batch),
+                                  max_new_tokens=new, do_sample=True, temperature=1.0,
+                                  top_k=0, top_p=1.0, eos_token_id=eos)
+            for row in ids[:, batch.shape[1]:].tolist():
+                lengths.append(row.index(eos) + 1 if eos in row else len(row))
+        return {"seconds": time.perf_counter() - start, "lengths": lengths}
 
-    def hf_run() -> list[list[int]]:
-        with torch.no_grad():
-            ids = hf.generate(prompts, attention_mask=torch.ones_like(prompts),
-                              max_new_tokens=new, do_sample=False)
-        return ids[:, prompts.shape[1]:].tolist()
+    def engine_once(prefix_caching: bool) -> Any:
+        engine_cfg = OmegaConf.merge(cfg, {"rollout": {"prefix_caching": prefix_caching}})
+        rollout = ColocatedRollout(engine_cfg, policy, optimizer=None)
+        params = SamplingParams(max_new_tokens=new, temperature=1.0, eos_id=eos)
 
-    result: dict[str, Any] = {"model": spec["model"], "batch": spec["batch"],
-                              "prompt_len": spec["prompt_len"], "new_tokens": new,
-                              "parameters": sum(p.numel() for p in hf.parameters())}
-    for name, fn in (("engine", engine_run), ("transformers", hf_run)):
-        tokens = fn()  # warm-up
-        times = []
-        for _ in range(spec["repeats"]):
+        def once(seed: int) -> dict[str, Any]:
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        result[f"{name}_tokens"] = tokens
-        result[f"{name}_seconds"] = min(times)
-        result[f"{name}_tokens_per_s"] = spec["batch"] * new / min(times)
-    result["ratio"] = result["engine_tokens_per_s"] / result["transformers_tokens_per_s"]
-    result["same_tokens"] = result.pop("engine_tokens") == result.pop("transformers_tokens")
+            samples = rollout.generate(prompts.tolist(), params,
+                                       [seed * 100_003 + i for i in range(len(prompts))], [],
+                                       None)
+            seconds = time.perf_counter() - start
+            stats = rollout.engine.stats
+            return {"seconds": seconds, "lengths": [len(s.response_ids) for s in samples],
+                    "prefill_tokens_computed": stats.prefill_tokens_computed,
+                    "prefill_tokens_skipped": stats.prefill_tokens_skipped,
+                    "kv_bytes_per_token": stats.kv_bytes_per_token, "steps": stats.steps}
+
+        return once
+
+    makers = {"engine": lambda: engine_once(True),
+              "engine_no_prefix_cache": lambda: engine_once(False),
+              "transformers": lambda: transformers_once,
+              # The retired engine (run from an old checkout): same interface, no options.
+              "old_engine": lambda: _old_engine_once(cfg, policy, prompts, new, eos)}
+    systems = {name: makers[name]() for name in spec["systems"]}
+    for once in systems.values():
+        once(0)  # warm-up
+    result: dict[str, Any] = {"model": spec["model"], "sequences": len(prompts),
+                              "parameters": sum(p.numel() for p in hf.parameters()),
+                              "runs": {name: [] for name in systems}}
+    for r in range(spec["repeats"]):
+        for name, once in systems.items():
+            run = once(spec["seed"] + r)
+            run["tokens_per_s"] = sum(run["lengths"]) / run["seconds"]
+            result["runs"][name].append(run)
     out.write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _old_engine_once(cfg: Any, policy: Any, prompts: torch.Tensor, new: int, eos: int) -> Any:
+    from r1mega.rollout.colocated import ColocatedRollout
+    from r1mega.rollout.types import SamplingParams
+
+    rollout = ColocatedRollout(cfg, policy, optimizer=None)
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, eos_id=eos)
+
+    def once(seed: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        samples = rollout.generate(prompts.tolist(), params,
+                                   [seed * 100_003 + i for i in range(len(prompts))], [], None)
+        return {"seconds": time.perf_counter() - start,
+                "lengths": [len(s.response_ids) for s in samples]}
+
+    return once
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -171,4 +244,4 @@ def _parameters(model_cfg: Any) -> int:
 if __name__ == "__main__":
     what, spec_path, out_path = sys.argv[1:4]
     spec = json.loads(Path(spec_path).read_text())
-    {"decode": decode, "reshard": reshard}[what](spec, Path(out_path))
+    {"rl": rl_workload, "reshard": reshard}[what](spec, Path(out_path))

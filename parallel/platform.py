@@ -87,6 +87,11 @@ every machine):
     pads each MoE layer's input to the group's largest token count and drops the
     padding from the output (padding tokens never mix with real ones: routing and
     expert MLPs act per token).
+15. Each step's tokens are padded to a multiple of 64 (``TOKEN_ROUNDER``; GPU tile and
+    CUDA-graph shapes): a decode step of 3 live requests computes 64 rows. A CPU's cost
+    is proportional to rows, so the rounder is 1 (steps are still padded to a multiple
+    of the TP size). ``suspend()`` calls ``delete_cuda_graphs()``, whose full
+    ``gc.collect()`` takes seconds in a large process; there are no CUDA graphs on CPU.
 
 MLA's ``prepare_for_absorption`` calls a TE-only split of ``linear_kv_up_proj``; with
 local specs the absorbed weights are views of the live projection. That is part of the
@@ -303,8 +308,9 @@ def _cpu_memory_stats(device: Any = None) -> dict[str, int]:
 
 
 def _apply_dynamic_inference_adaptations() -> None:
-    """Adaptations 10-14 (megatron-core 0.19.2's dynamic inference engine on CPU)."""
+    """Adaptations 10-15 (megatron-core 0.19.2's dynamic inference engine on CPU)."""
     from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.inference.engines import dynamic_engine
     from megatron.core.transformer import attention
     from megatron.core.transformer.moe import moe_layer
 
@@ -314,6 +320,8 @@ def _apply_dynamic_inference_adaptations() -> None:
     dynamic_context.triton_append_key_value_cache = None  # (12)
     torch.cuda.memory_stats = _cpu_memory_stats  # type: ignore[assignment]  (13)
     moe_layer.MoELayer.forward = _pad_moe_tokens_to_group(moe_layer.MoELayer.forward)  # (14)
+    dynamic_context.DynamicInferenceContext.TOKEN_ROUNDER = 1  # (15)
+    dynamic_engine.delete_cuda_graphs = lambda: None  # (15)
 
 
 def _pad_moe_tokens_to_group(forward: Any) -> Any:
@@ -395,31 +403,47 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     block = k_cache.shape[1]
     width = max(-(-lengths[i] // block) for i in real)
-    rows = torch.tensor(real)
-    table = block_table[rows, :width].long().clamp_min(0)
+    device = q.device
+    rows = torch.tensor(real, device=device)
+    table = block_table.to(device)[rows, :width].long().clamp_min(0)
     keys = k_cache[table].flatten(1, 2)  # [n, width * block, kv_heads, d]
     values = v_cache[table].flatten(1, 2)
-    total = torch.tensor([lengths[i] for i in real])[:, None, None]
-    key_pos = torch.arange(keys.shape[1])[None, None, :]
+    total = torch.tensor([lengths[i] for i in real], device=device)[:, None, None]
+    key_pos = torch.arange(keys.shape[1], device=device)[None, None, :]
     # Slots past a request's length hold whatever the buffer held (it is allocated
-    # uninitialised): a NaN there would leak through a zero attention weight.
-    written = (key_pos < total)[:, 0, :, None, None]
-    keys = torch.where(written, keys, 0)
-    values = torch.where(written, values, 0)
+    # uninitialised): a NaN value would leak through a zero attention weight. (Scores of
+    # such slots are overwritten by the mask below, NaN or not.)
+    values = torch.where((key_pos < total)[:, 0, :, None, None], values, 0)
     new = [starts[i + 1] - starts[i] for i in real]
     longest = max(new)
-    query = q.new_zeros(len(real), longest, heads, q.shape[-1])
-    for slot, i in enumerate(real):
-        query[slot, :new[slot]] = q[starts[i]:starts[i + 1]]
-    fresh = torch.tensor(new)[:, None, None]
-    query_pos = total - fresh + torch.arange(longest)[None, :, None]
+    n, rep = len(real), heads // kv_heads
+    # Packed query rows -> [n, longest] slots (a gather/scatter index, not a Python loop).
+    counts = torch.tensor(new, device=device)
+    source = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in real]) \
+        if longest > 1 else torch.tensor([starts[i] for i in real])
+    source = source.to(device)
+    slot_of = torch.repeat_interleave(torch.arange(n, device=device), counts)
+    offset = torch.arange(len(source), device=device) - torch.repeat_interleave(
+        counts.cumsum(0) - counts, counts)
+    target = slot_of * longest + offset
+    query = q.new_zeros(n * longest, heads, q.shape[-1]).index_copy_(0, target, q[source])
+    query = query.view(n, longest, heads, -1)
+    fresh = counts[:, None, None]
+    query_pos = total - fresh + torch.arange(longest, device=device)[None, :, None]
     allowed = (key_pos <= query_pos) & (key_pos < total)  # [n, longest, keys]
-    attended = torch.nn.functional.scaled_dot_product_attention(
-        query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=allowed[:, None], scale=scale, enable_gqa=heads != kv_heads)
-    attended = attended.transpose(1, 2)  # [n, longest, heads, dv]
-    for slot, i in enumerate(real):
-        out[starts[i]:starts[i + 1]] = attended[slot, :new[slot]]
+    # Grouped-query attention with explicit matmuls: each key/value head serves its
+    # ``rep`` query heads without being copied (torch's SDPA with a mask takes its slow
+    # path on CPU, ~50x slower at decode shapes).
+    grouped = query.view(n, longest, kv_heads, rep, -1).permute(0, 2, 3, 1, 4)
+    scores = torch.matmul(grouped.reshape(n, kv_heads, rep * longest, -1),
+                          keys.permute(0, 2, 3, 1)) * scale  # [n, kv_heads, rep*q, keys]
+    scores = scores.view(n, kv_heads, rep, longest, -1).masked_fill(
+        ~allowed[:, None, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).view(n, kv_heads, rep * longest, -1)
+    attended = torch.matmul(weights, values.permute(0, 2, 1, 3))  # [n, kv_heads, rep*q, dv]
+    attended = attended.view(n, kv_heads, rep, longest, -1).permute(0, 3, 1, 2, 4).reshape(
+        n * longest, heads, -1)
+    out[source] = attended[target]
     return out
 
 

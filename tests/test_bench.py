@@ -18,13 +18,23 @@ def test_rollout_bench_runs_at_toy_size(tmp_path: Path) -> None:
                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "engine tok/s" in proc.stdout and "naive ms" in proc.stdout
+    assert "RL-shaped rollout" in proc.stdout and "naive ms" in proc.stdout
     result = json.loads(out.read_text())
-    assert {r["model"] for r in result["decode"]} == {"qwen2", "deepseek_v3"}
-    for run in result["decode"]:
-        # The engine and transformers decode the same greedy tokens.
-        assert run["same_tokens"], run
-        assert run["engine_tokens_per_s"] > 0 and run["transformers_tokens_per_s"] > 0
+    assert result["environment"]["versions"]["megatron-core"] == "0.19.2"
+    assert {r["model"] for r in result["rl"]} == {"qwen2", "deepseek_v3"}
+    for run in result["rl"]:
+        assert set(run["systems"]) == {"engine", "engine_no_prefix_cache", "transformers"}
+        for system in run["systems"].values():
+            assert system["tokens_per_s"] > 0
+            assert 1 <= system["length_range"][0] <= system["length_range"][1] <= run["max_new"]
+        assert run["systems"]["transformers"]["vs_transformers"] == 1.0
+    for row in result["prefix_sharing"]:
+        # Deterministic counters, not timings: a group's prompt is prefilled once plus the
+        # unshared tail per further sample.
+        assert row["meets_target"], row
+    latent = {r["shape"]: r for r in result["kv_bytes_per_token"]}
+    assert latent["DeepSeek-V3 671B (128 heads)"]["latent_bytes"] == (512 + 64) * 61 * 2
+    assert round(latent["DeepSeek-V3 671B (128 heads)"]["ratio"]) == 71
     for model in result["reshard"]:
         for pair in model["pairs"]:
             for rank in pair["per_rank"]:

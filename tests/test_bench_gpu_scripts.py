@@ -82,7 +82,7 @@ def test_decode_roofline_bench(tmp_path: Path) -> None:
     for name, m in models.items():
         assert [r["batch"] for r in m["rows"]] == [1, 4]
         for r in m["rows"]:
-            assert r["decode_rounds"] == r["new_tokens"] - 1
+            assert r["engine_steps"] == r["new_tokens"]  # one prefill step, then decodes
             assert r["decode_step_seconds"] > 0 and r["decode_tokens_per_s"] > 0
             context = r["prompt_len"] + r["new_tokens"] / 2
             assert r["kv_bytes_per_step"] == pytest.approx(
@@ -98,3 +98,14 @@ def test_decode_roofline_bench(tmp_path: Path) -> None:
             assert r["fraction_of_roofline"] == pytest.approx(
                 r["decode_tokens_per_s"] / r["roofline_tokens_per_s"])
             assert r["reshard_seconds"] >= 0
+
+
+def test_rollout_gpu_check_skips_without_a_gpu(tmp_path: Path) -> None:
+    """bench/gpu_check_rollout.py is ready for a GPU and exits cleanly without one."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "bench/gpu_check_rollout.py", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "skipped: no CUDA GPU" in proc.stdout
+    assert json.loads(out.read_text()) == {"status": "skipped: no CUDA GPU"}

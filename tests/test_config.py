@@ -377,8 +377,11 @@ def test_global_batch_divisible_by_micro_batch_times_dp() -> None:
         ("rollout.engine=vllm", "rollout.engine=vllm is not one of: colocated, simple"),
         ("rollout.refit_backend=mpi", "rollout.refit_backend=mpi is not one of"),
         ("rollout.max_batch_size=0", "rollout.max_batch_size=0 must be >= 1"),
-        ("rollout.prefill_rows=0", "rollout.prefill_rows=0 must be >= 1"),
-        ("rollout.kv_cache_length_factor=0.5", "rollout.kv_cache_length_factor=0.5 must be >= 1"),
+        ("rollout.max_tokens_per_step=0", "rollout.max_tokens_per_step=0 must be >= 1"),
+        ("rollout.kv_cache_gib=0", "rollout.kv_cache_gib=0.0 must be > 0"),
+        ("rollout.kv_block_tokens=16", "rollout.kv_block_tokens=16 must be 64 for deepseek_v3"),
+        ("rollout.logprob_check=0", "rollout.logprob_check=0.0 must be > 0"),
+        ("rollout.logprob_outlier_threshold=-1", "rollout.logprob_outlier_threshold=-1"),
         ("generation_layout.pp=2", "generation_layout.pp=2 must be 1 (the rollout engine"),
         ("generation_layout.cp=2", "generation_layout.cp=2 must be 1"),
         ("generation_layout.sequence_parallel=true",
@@ -387,6 +390,13 @@ def test_global_batch_divisible_by_micro_batch_times_dp() -> None:
 )
 def test_field_checks(override: str, expected: str) -> None:
     assert expected in error_of(override, world_size=None)
+
+
+def test_routing_replay_needs_moe_and_no_recompute() -> None:
+    msg = error_of("rollout.routing_replay=true", "train.recompute=full", world_size=None)
+    assert "rollout.routing_replay=true with train.recompute=full" in msg
+    msg = error_of("rollout.routing_replay=true", path=QWEN, world_size=None)
+    assert "rollout.routing_replay=true needs an MoE model" in msg
 
 
 def test_deepseek_v3_needs_experts() -> None:

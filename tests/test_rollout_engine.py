@@ -183,6 +183,7 @@ def test_kv_memory_is_the_latent_and_is_freed_between_calls(runs, name: str) -> 
         head_dim = config["hidden_size"] // config["num_attention_heads"]
         per_token = 2 * layers * (config["num_key_value_heads"] // tp) * head_dim * fp32
     assert result["group_stats"]["kv_bytes_per_token"] == per_token
+    assert result["memory"]["context_bytes_per_token"] == per_token  # what megatron allocates
     assert result["memory"]["memory/generation/kv_cache_gib"] > 0
     assert result["memory"]["after"] == 0  # suspended once generation is over
 

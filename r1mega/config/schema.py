@@ -178,6 +178,9 @@ class RolloutConfig:
     kv_cache_gib: float | None = None
     prefix_caching: bool = True  # a GRPO group's samples share their prompt's KV blocks
     chunked_prefill: bool = True
+    # GPU only: capture the decode steps in CUDA graphs (megatron's local implementation;
+    # checked by bench/gpu_check_rollout.py, off until that passes on your cluster).
+    cuda_graphs: bool = False
     # MoE: record the experts each token used during the rollout and replay them in the
     # training forward (rollout and trainer then route identically).
     routing_replay: bool = False

@@ -523,7 +523,7 @@ def _check_rollout_engine(errors: list[str], cfg: Any) -> None:
         errors.append(f"rollout.kv_cache_gib={rollout.kv_cache_gib} must be > 0 (or null)")
     if rollout.kv_block_tokens is not None:
         _at_least(errors, "rollout.kv_block_tokens", rollout.kv_block_tokens, 1)
-        from r1mega.rollout.limits import MLA_BLOCK_TOKENS
+        from r1mega.rollout.kv_footprint import MLA_BLOCK_TOKENS
 
         if cfg.model.arch == "deepseek_v3" and rollout.kv_block_tokens != MLA_BLOCK_TOKENS:
             errors.append(f"rollout.kv_block_tokens={rollout.kv_block_tokens} must be "

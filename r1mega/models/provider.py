@@ -175,8 +175,8 @@ def build_model(model_cfg: Any, layout: Any, precision: Any | None = None,
 
 
 def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
-                           precision: Any | None = None,
-                           record_routing: bool = False) -> torch.nn.Module:
+                           precision: Any | None = None, record_routing: bool = False,
+                           cuda_graphs: bool = False) -> torch.nn.Module:
     """The policy in a generation layout, on process groups of its own.
 
     Same architecture and provider as :func:`build_model`, but in ``layout`` over
@@ -188,8 +188,9 @@ def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
     The model is configured for megatron's dynamic inference engine (the rollout engine):
     MLA caches latents (``cache_mla_latents``), MoE inference uses the NCCL all-gather
     token dispatcher type (the default NVLS type allocates NVLink symmetric memory under
-    expert parallelism), and with ``record_routing`` the routers record the experts they
-    choose (``moe_enable_routing_replay``) for routing replay in training.
+    expert parallelism), with ``record_routing`` the routers record the experts they
+    choose (``moe_enable_routing_replay``) for routing replay in training, and with
+    ``cuda_graphs`` (GPU only) each layer's inference steps are captured in CUDA graphs.
     """
     if layout.pp != 1 or layout.cp != 1:
         raise ValueError(
@@ -207,6 +208,17 @@ def build_generation_model(model_cfg: Any, layout: Any, pg_collection: Any,
     if model_cfg.num_experts is not None:
         config.inference_moe_token_dispatcher_type = "nccl"
         config.moe_enable_routing_replay = record_routing
+    if cuda_graphs:
+        if not gpu_available():
+            raise ValueError("rollout.cuda_graphs=true needs a CUDA GPU")
+        from megatron.core.transformer.enums import InferenceCudaGraphScope
+
+        config.cuda_graph_impl = "local"
+        config.cuda_graph_modules = []
+        config.inference_cuda_graph_scope = InferenceCudaGraphScope.layer
+        # Expert parallelism under CUDA graphs pads experts to fixed shapes.
+        config.moe_pad_experts_for_cuda_graph_inference = (model_cfg.num_experts is not None
+                                                           and layout.ep > 1)
     model = _gpt_model(model_cfg, config, 0, True, True, with_mtp=False,
                        pg_collection=pg_collection)
     model.eval()

@@ -98,11 +98,18 @@ def model_weight_bytes(model: Any, tied_embedding: bool) -> WeightBytes:
     return WeightBytes(dense=dense, embedding_row=row, experts=experts)
 
 
-def kv_cache_bytes_per_token(model: Any, element_size: int) -> float:
+def kv_cache_bytes_per_token(model: Any) -> float:
     """KV-cache bytes of one position across all layers, as the rollout engine allocates
-    them (:class:`r1mega.rollout.kv_cache.CacheBuffers`)."""
-    from r1mega.rollout.kv_cache import attention_modules
+    them for this generation model (:mod:`r1mega.rollout.kv_footprint`: MLA's latent or
+    this rank's query groups' keys and values, in the model's dtype)."""
+    from r1mega.rollout.kv_footprint import kv_bytes_per_token
 
-    return float(sum(
-        attn.num_query_groups_per_partition * (attn.key_hidden_size + attn.val_hidden_size)
-        * element_size for attn in attention_modules(model).values()))
+    config = model.config
+    mla = bool(getattr(config, "cache_mla_latents", False))
+    return float(kv_bytes_per_token(
+        layers=config.num_layers, tp=config.tensor_model_parallel_size, mla=mla,
+        dtype_bytes=next(model.parameters()).element_size(),
+        kv_lora_rank=getattr(config, "kv_lora_rank", 0) or 0,
+        rope_dim=getattr(config, "qk_pos_emb_head_dim", 0) or 0,
+        query_groups=config.num_query_groups or config.num_attention_heads,
+        head_dim=config.kv_channels))

@@ -57,6 +57,7 @@ from r1mega.planner.params import (
     is_moe_layer,
     mtp_block,
 )
+from r1mega.rollout import kv_footprint
 
 __all__ = ["GenerationMemory", "Plan", "StageMemory", "StepTime", "kv_bytes_per_token_layer",
            "layer_activation_bytes", "make_plan", "stage_layers"]
@@ -308,15 +309,15 @@ def _train_memory(cfg: Any, layout: Layout, params: ModelParams, asm: Assumption
     return out
 
 
-def kv_bytes_per_token_layer(m: Any, tp: int) -> float:
-    """KV-cache bytes of one token in one layer on one GPU (bf16)."""
-    if m.arch == "deepseek_v3":
-        # MLA caches the compressed latent and the shared rotary key, not per-head K/V;
-        # every TP rank needs all of it (its heads are all up-projected from the latent).
-        return ACT_BYTES * (m.kv_lora_rank + m.qk_pos_emb_head_dim)
-    d = m.kv_channels or m.hidden_size // m.num_attention_heads
-    g = m.num_query_groups or m.num_attention_heads
-    return ACT_BYTES * 2 * d * max(g / tp, 1)
+def kv_bytes_per_token_layer(m: Any, tp: int, dtype_bytes: int = ACT_BYTES) -> float:
+    """KV-cache bytes of one token in one layer on one GPU, as the rollout engine
+    allocates them (:mod:`r1mega.rollout.kv_footprint`): MLA's latent and shared rotary
+    key (not per-head K/V, and not split over TP), else this GPU's query groups' K and V."""
+    return float(kv_footprint.kv_bytes_per_token(
+        layers=1, dtype_bytes=dtype_bytes, tp=tp, mla=m.arch == "deepseek_v3",
+        kv_lora_rank=m.kv_lora_rank or 0, rope_dim=m.qk_pos_emb_head_dim or 0,
+        query_groups=m.num_query_groups or m.num_attention_heads,
+        head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads))
 
 
 def _generation_memory(cfg: Any, layout: Layout, params: ModelParams, asm: Assumptions,
@@ -336,10 +337,17 @@ def _generation_memory(cfg: Any, layout: Layout, params: ModelParams, asm: Assum
     dense = block.dense_per_gpu(layout.tp)
     experts = block.experts_per_gpu(layout.ep, layout.etp)
     sequences = cfg.rollout.prompts_per_step * cfg.grpo.group_size
-    per_replica = math.ceil(sequences / layout.dp)
+    # The engine decodes up to rollout.max_batch_size requests at once (rounded up to
+    # the TP size) and sizes its KV buffer for them at full length, or takes
+    # rollout.kv_cache_gib (r1mega.rollout.kv_footprint has the rule).
+    slots = -(-cfg.rollout.max_batch_size // layout.tp) * layout.tp
+    per_replica = min(math.ceil(sequences / layout.dp), slots)
     n_layers = len(stage_layers(layout, m.num_layers)[worst])
-    kv_token = kv_bytes_per_token_layer(m, layout.tp) * n_layers
-    kv = per_replica * cfg.train.seq_length * kv_token
+    kv_token = kv_bytes_per_token_layer(m, layout.tp, pbytes) * n_layers
+    kv = kv_footprint.kv_buffer_bytes(
+        bytes_per_token=int(kv_token), requests=per_replica,
+        block=kv_footprint.block_tokens(m.arch == "deepseek_v3", cfg.rollout.kv_block_tokens),
+        max_sequence_length=cfg.train.seq_length, kv_cache_gib=cfg.rollout.kv_cache_gib)
     workspace = per_replica * m.vocab_size / layout.tp * 4 * 2  # fp32 logits + probs
     worst_train = max(stages, key=lambda s: s.weights)
     offloaded = max(s.grads + s.optimizer for s in stages)
@@ -384,13 +392,21 @@ def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Har
         matmul_active += params.embedding.total  # the tied head is a GEMM
 
     # -- rollout ------------------------------------------------------------------------
-    prefill_flops = sequences * prompt * (
+    # Prefix caching: a group's first sample prefills the prompt, the others only the
+    # part past its last whole KV block (megatron always recomputes at least one token).
+    block = kv_footprint.block_tokens(m.arch == "deepseek_v3", cfg.rollout.kv_block_tokens)
+    unshared = prompt - min((prompt // block) * block, max(prompt - 1, 0)) \
+        if cfg.rollout.prefix_caching else prompt
+    prefill_tokens = cfg.rollout.prompts_per_step * prompt + (
+        sequences - cfg.rollout.prompts_per_step) * unshared
+    prefill_flops = prefill_tokens * (
         2 * matmul_active + n_layers * attention_score_flops(m, prompt / 2))
     prefill = prefill_flops / (world * hw.bf16_flops * asm.prefill_mfu)
-    # Decode step: read this GPU's weights and (on average half-full) KV cache once.
-    avg_kv = gen.kv_cache * (prompt + response / 2) / seq
-    hbm = (gen.weights + avg_kv) / (hw.hbm_bytes_per_s * asm.decode_hbm_efficiency)
+    # Decode step: read this GPU's weights and each decoding sequence's (on average
+    # half-grown) KV once.
     batch = gen.sequences_per_replica
+    avg_kv = batch * (prompt + response / 2) * gen.kv_bytes_per_token
+    hbm = (gen.weights + avg_kv) / (hw.hbm_bytes_per_s * asm.decode_hbm_efficiency)
     decode_flops = batch * (2 * matmul_active + n_layers * attention_score_flops(
         m, prompt + response / 2)) / (gl.tp * gl.pp * gl.cp)
     compute = decode_flops / (hw.bf16_flops * asm.prefill_mfu)
@@ -400,7 +416,9 @@ def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Har
     ep_lat = 2 * moe_layers * ((asm.ib_latency_s if ep_remote else asm.nvlink_latency_s)
                                if gl.ep > 1 else 0.0)
     per_token = max(hbm, compute) + tp_lat + ep_lat
-    decode = response * per_token
+    # More sequences per replica than the engine decodes at once: they go in waves.
+    waves = math.ceil(math.ceil(sequences / gl.dp) / batch)
+    decode = waves * response * per_token
 
     # -- resharding: every GPU receives its generation weights (upper bound) ----------
     reshard_bytes = gen.weights

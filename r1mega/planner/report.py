@@ -104,10 +104,12 @@ def format_plan(plan: Any, cfg: Any, config_name: str) -> str:
         "",
         f"Generation layout: {gl.describe()}"
         + (f", expert-DP={gl.expert_dp}" if m.num_experts else "") + "; "
-        f"{g.sequences_per_replica} sequence(s) x {cfg.train.seq_length} tokens per replica",
+        f"{g.sequences_per_replica} sequence(s) x {cfg.train.seq_length} tokens decoded at "
+        "once per replica",
         f"  GiB per GPU: weights {_gib(g.weights)} ({_count(g.dense_params + g.expert_params)} "
-        f"params), KV cache {_gib(g.kv_cache)} ({g.kv_bytes_per_token / 1024:.1f} KiB per "
-        f"token over this GPU's layers), sampling workspace {_gib(g.workspace)}, training "
+        f"params), KV cache {_gib(g.kv_cache)} (the engine's paged buffer; "
+        f"{g.kv_bytes_per_token / 1024:.1f} KiB per token over this GPU's layers), sampling "
+        f"workspace {_gib(g.workspace)}, training "
         f"weights kept resident {_gib(g.train_weights)}, reserve {_gib(g.reserve)}: "
         f"total {_gib(g.total)}",
         f"  offloaded to host during the rollout: training grads + optimizer "

@@ -72,7 +72,8 @@ class ColocatedRollout:
                                          name="generation_layout")
         self.groups = process_groups_for_layout(self.layout)
         self.model = build_generation_model(cfg.model, self.layout, self.groups, cfg.precision,
-                                            record_routing=cfg.rollout.routing_replay)
+                                            record_routing=cfg.rollout.routing_replay,
+                                            cuda_graphs=cfg.rollout.cuda_graphs)
         self.resharder = WeightResharder(policy.chunks, self.model,
                                          backend=cfg.rollout.refit_backend)
         moe = cfg.model.num_experts is not None

@@ -38,7 +38,6 @@ per-head keys and values) and suspend/resume of the KV memory. The same code run
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from r1mega.rollout.limits import DENSE_BLOCK_TOKENS, MLA_BLOCK_TOKENS
+from r1mega.rollout import kv_footprint
 from r1mega.rollout.seeded_sampling import SeededSampling
 from r1mega.rollout.types import GenerationRequest, Sample
 
@@ -115,17 +114,17 @@ class EngineStats:
 
 
 def kv_bytes_per_token(config: Any, tp_size: int) -> int:
-    """KV-cache bytes one token occupies across all layers on one rank, as megatron's
-    dynamic context allocates them: the MLA latent (``kv_lora_rank + rope dim``, shared by
-    all heads) or per-head keys and values of this rank's query groups. Used for sizing
-    and by the planner (:mod:`r1mega.planner`)."""
-    dtype_bytes = torch.empty((), dtype=config.params_dtype).element_size()
-    if getattr(config, "kv_lora_rank", None) and getattr(config, "cache_mla_latents", False):
-        return dtype_bytes * config.num_layers * (config.kv_lora_rank
-                                                  + config.qk_pos_emb_head_dim)
-    groups = config.num_query_groups or config.num_attention_heads
-    heads = max(groups // tp_size, 1)
-    return dtype_bytes * 2 * config.num_layers * heads * config.kv_channels
+    """KV-cache bytes one token occupies across all layers on one rank for a megatron
+    ``TransformerConfig`` (:mod:`r1mega.rollout.kv_footprint` has the rule, which the
+    planner shares)."""
+    mla = bool(getattr(config, "cache_mla_latents", False))
+    return kv_footprint.kv_bytes_per_token(
+        layers=config.num_layers, tp=tp_size, mla=mla,
+        dtype_bytes=torch.empty((), dtype=config.params_dtype).element_size(),
+        kv_lora_rank=getattr(config, "kv_lora_rank", 0) or 0,
+        rope_dim=getattr(config, "qk_pos_emb_head_dim", 0) or 0,
+        query_groups=config.num_query_groups or config.num_attention_heads,
+        head_dim=config.kv_channels)
 
 
 class _SilentTokenizer:
@@ -197,14 +196,15 @@ class RolloutEngine:
         self.pg_collection = pg_collection
         self.settings = settings
         self.lockstep_group = lockstep_group
+        self._lockstep_size = dist.get_world_size(lockstep_group) if dist.is_initialized() \
+            else 1
         self.config = model.config
         self.tp_size = dist.get_world_size(pg_collection.tp) if dist.is_initialized() else 1
         mla = getattr(self.config, "cache_mla_latents", False)
-        self.block_tokens = settings.block_tokens or (MLA_BLOCK_TOKENS if mla
-                                                      else DENSE_BLOCK_TOKENS)
-        if mla and self.block_tokens != MLA_BLOCK_TOKENS:
+        self.block_tokens = kv_footprint.block_tokens(mla, settings.block_tokens)
+        if mla and self.block_tokens != kv_footprint.MLA_BLOCK_TOKENS:
             raise ValueError(f"rollout.kv_block_tokens={self.block_tokens}: MLA's latent "
-                             f"cache needs {MLA_BLOCK_TOKENS}-token blocks")
+                             f"cache needs {kv_footprint.MLA_BLOCK_TOKENS}-token blocks")
         # megatron pads requests per step to multiples of the TP size.
         self.max_requests = -(-settings.max_requests // self.tp_size) * self.tp_size
         # megatron pads a step's tokens to multiples of 64 (its TOKEN_ROUNDER), so the
@@ -216,6 +216,7 @@ class RolloutEngine:
         self.sampling = SeededSampling(pg_collection.tp)
         self.bytes_per_token = kv_bytes_per_token(self.config, self.tp_size)
         self.capacity = 0  # max sequence length (prompt + response) of the current context
+        self._buffer_bytes = 0  # its KV buffer
         self._engine: Any = None
         self._router_replays: list[Any] = []
         self._next_request_id = 0
@@ -225,26 +226,26 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ sizing
 
-    def kv_buffer_bytes(self, capacity: int) -> int:
-        """Bytes of the KV buffer for sequences of up to ``capacity`` tokens."""
-        if self.settings.kv_cache_gib is not None:
-            return int(self.settings.kv_cache_gib * 1024**3)
-        blocks = self.max_requests * math.ceil(capacity / self.block_tokens) + 1  # + dummy
-        return blocks * self.block_tokens * self.bytes_per_token
-
-    def reserve(self, max_sequence_length: int) -> None:
-        """Make room for sequences of ``max_sequence_length`` tokens (prompt + response):
-        rebuild the context (and its KV buffer) when the current one is shorter. Growth
-        goes to the next power of two (in blocks), so a growing response budget rebuilds
-        O(log) times. Collective over the lock-step group when it rebuilds (callers pass
-        the group's agreed maximum)."""
-        if max_sequence_length <= self.capacity and self._engine is not None:
+    def reserve(self, max_sequence_length: int, requests: int) -> None:
+        """Make room for ``requests`` sequences of up to ``max_sequence_length`` tokens
+        (prompt + response): rebuild the context when its maximum length is shorter or
+        (without ``rollout.kv_cache_gib``) its KV buffer cannot hold them all at full
+        length. The maximum length grows to the next power of two in blocks, the buffer
+        to what is asked. :meth:`generate` calls it with what its requests need, so a
+        growing response budget needs nothing from the caller. Collective over the
+        lock-step group when it rebuilds (pass the group's agreed maxima)."""
+        requests = max(1, min(requests, self.max_requests))
+        buffer = kv_footprint.kv_buffer_bytes(
+            bytes_per_token=self.bytes_per_token, block=self.block_tokens,
+            max_sequence_length=max_sequence_length, requests=requests,
+            kv_cache_gib=self.settings.kv_cache_gib)
+        if (self._engine is not None and max_sequence_length <= self.capacity
+                and buffer <= self._buffer_bytes):
             return
-        blocks = math.ceil(max_sequence_length / self.block_tokens)
-        capacity = self.block_tokens * (1 << max(blocks - 1, 0).bit_length())
-        self._build(capacity)
+        self._build(kv_footprint.capacity_for(max_sequence_length, self.block_tokens),
+                    max(buffer, self._buffer_bytes if self._engine is not None else 0))
 
-    def _build(self, capacity: int) -> None:
+    def _build(self, capacity: int, buffer_bytes: int) -> None:
         from megatron.core.inference.config import (
             InferenceConfig,
             KVCacheManagementMode,
@@ -255,13 +256,14 @@ class RolloutEngine:
         from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
             GPTInferenceWrapper,
         )
-        from megatron.core.inference.text_generation_controllers.text_generation_controller \
-            import TextGenerationController
+        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+            TextGenerationController,
+        )
 
         self.release()
         inference_config = InferenceConfig(
             block_size_tokens=self.block_tokens,
-            buffer_size_gb=self.kv_buffer_bytes(capacity) / 1024**3,
+            buffer_size_gb=buffer_bytes / 1024**3,
             max_requests=self.max_requests,
             max_tokens=self.max_tokens,
             max_sequence_length=capacity,
@@ -284,6 +286,7 @@ class RolloutEngine:
         controller.set_stop_word_finished_ids_callback(self._stop_string_hits)
         self._router_replays = self._model_router_replays()
         self.capacity = capacity
+        self._buffer_bytes = buffer_bytes
         self.context_builds += 1
 
     def _model_router_replays(self) -> list[Any]:
@@ -322,10 +325,10 @@ class RolloutEngine:
     # ------------------------------------------------------------------ generation
 
     def _agree_max(self, values: list[int]) -> list[int]:
+        if self._lockstep_size == 1:
+            return values
         t = torch.tensor(values, dtype=torch.long)
-        if dist.is_initialized() and (self.lockstep_group is None
-                                      or dist.get_world_size(self.lockstep_group) > 1):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.lockstep_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.lockstep_group)
         return t.tolist()
 
     @torch.no_grad()
@@ -343,8 +346,8 @@ class RolloutEngine:
             raise ValueError("every generation request needs a non-empty prompt")
         longest = max((len(r.prompt_ids) + r.params.max_new_tokens for r in requests),
                       default=1)
-        (longest,) = self._agree_max([longest])
-        self.reserve(longest)
+        longest, most = self._agree_max([longest, len(requests)])
+        self.reserve(longest, most)
         engine = self._engine
         engine.resume()
         engine.reset()  # empty prefix cache: KV from earlier weights is never reused

@@ -37,6 +37,7 @@ class SeededSampling(Sampling):
 
     def __init__(self, tp_group: Any = None) -> None:
         self.tp_group = tp_group
+        self._tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
         self._params: dict[int, SamplingParams] = {}
         self._generators: dict[int, torch.Generator] = {}
         self.last_tokens: dict[int, int] = {}  # request id -> token sampled this step
@@ -79,7 +80,7 @@ class SeededSampling(Sampling):
             picked, _ = sample_tokens(logits[rows], temperature, top_k, top_p,
                                       [self._generators[ids[r]] for r in rows])
             tokens[rows] = picked
-        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+        if self._tp_size > 1:
             dist.broadcast(tokens, src=dist.get_global_rank(self.tp_group, 0),
                            group=self.tp_group)
         self.last_tokens = dict(zip(ids, tokens.tolist(), strict=True))

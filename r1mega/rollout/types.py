@@ -42,4 +42,4 @@ class Sample:
     # MoE experts chosen per token when the rollout records routing (routing replay):
     # int16 [len(prompt_ids) + len(response_ids) - 1, moe_layers, topk], row j for the
     # model's input token j (the last response token is never an input).
-    routing: "torch.Tensor | None" = None
+    routing: torch.Tensor | None = None

@@ -221,6 +221,9 @@ def run_case(case: dict, out: Path, world_size: int) -> None:
     result["group_stats"] = vars(rollout.engine.stats)
     result["memory"] = {k: v for k, v in rollout.metrics.items() if "kv_cache" in k}
     result["memory"]["after"] = rollout.engine.resident_kv_bytes()
+    context = rollout.engine._engine.context  # megatron's own figure for its KV blocks
+    result["memory"]["context_bytes_per_token"] = (context.block_size_bytes
+                                                   // context.block_size_tokens)
     if "stale" in case["extras"]:
         result["stale"] = stale_cache_check(cfg, policy, rollout, case)
 
