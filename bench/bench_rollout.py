@@ -14,7 +14,8 @@
    load hits them alike; tokens/s = generated tokens (to EOS) / wall time, median over
    the rounds, and ratios against ``transformers``.
 2. **Prefix sharing.** Prompt tokens the engine prefilled per group, with and without
-   prefix caching (target: at most 1/group + one KV block of the unshared cost).
+   prefix caching (target: at most 1/group of the unshared cost plus one KV block per
+   sample, i.e. a fraction of ``1/group + block/prompt_len``).
 3. **KV bytes per token** of DeepSeek-V3 shapes: the MLA latent the engine caches
    against per-head keys and values (computed by :mod:`r1mega.rollout.kv_footprint`, the
    rule the engine sizes its buffer with and the tests check against megatron's context).
@@ -173,7 +174,9 @@ def prefix_sharing(rl: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups = r["sequences"] // r["group"]
         shared = r["systems"]["engine"]["prefill_tokens_computed"] / groups
         unshared = r["systems"]["engine_no_prefix_cache"]["prefill_tokens_computed"] / groups
-        target = 1 / r["group"] + r["block"] / unshared
+        # The target: a group's prefill costs at most 1/group of the unshared one
+        # plus one block per sample.
+        target = 1 / r["group"] + r["block"] / r["prompt_len"]
         rows.append({"model": r["model"], "group": r["group"], "block": r["block"],
                      "prefilled_per_group_shared": shared,
                      "prefilled_per_group_unshared": unshared, "fraction": shared / unshared,

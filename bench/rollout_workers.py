@@ -51,18 +51,24 @@ def _hf_model(spec: dict[str, Any]) -> Any:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _calibrate_eos(model: Any, eos_id: int, mean_length: int) -> None:
+def _calibrate_eos(model: Any, eos_id: int, mean_length: int, prompt_len: int) -> None:
     """Tilt the EOS row of the output head towards the mean final hidden state until EOS
-    has probability ~1/mean_length at temperature 1: responses then end at EOS with
-    roughly geometric lengths (a random model would otherwise almost never stop)."""
+    has probability ~1/mean_length at temperature 1 along the model's own sampled
+    continuations: responses then end at EOS after a spread of lengths (roughly
+    geometric; a random model would otherwise almost never stop)."""
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=g)
+    ids = torch.randint(3, model.config.vocab_size, (16, prompt_len), generator=g)
+    model.generation_config.pad_token_id = 0
     with torch.no_grad():
-        hidden = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        torch.manual_seed(2)
+        ids = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             max_new_tokens=2 * mean_length, eos_token_id=None, top_k=0)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, prompt_len - 1:-1]
+        hidden = hidden.reshape(-1, model.config.hidden_size)
         head = model.lm_head.weight
         base = head[eos_id].clone()
         direction = hidden.mean(0) / hidden.mean(0).norm()
-        low, high = 0.0, 64.0
+        low, high = 0.0, 256.0
         for _ in range(40):  # bisection on the tilt
             mid = (low + high) / 2
             head[eos_id] = base + mid * direction
@@ -77,7 +83,7 @@ def _build_models(spec: dict[str, Any], tmp: str) -> tuple[Any, Any, Any]:
     from r1mega.convert import convert_hf_to_megatron, model_config_from_hf
 
     hf = _hf_model(spec)
-    _calibrate_eos(hf, spec["eos_id"], spec["mean_length"])
+    _calibrate_eos(hf, spec["eos_id"], spec["mean_length"], spec["prompt_len"])
     hf.save_pretrained(tmp + "/hf")
     convert_hf_to_megatron(tmp + "/hf", tmp + "/mg")
     model_cfg = model_config_from_hf(json.loads(Path(tmp + "/hf/config.json").read_text()))

@@ -77,7 +77,9 @@ every machine):
     channels, as FlashMLA reads them).
 12. ``dynamic_context`` imports a Triton KV-append kernel whenever Triton imports (it
     does on CPU); launching it fails. It is switched off, so megatron's own indexed
-    copy appends keys and values.
+    copy appends keys and values. The KV buffer, allocated uninitialised, is zeroed
+    once when allocated, so slots no request has written hold no NaN (which would leak
+    through a zero attention weight in :func:`paged_attention`).
 13. ``torch.cuda.memory_stats()`` feeds the engine's suspend/resume and step logs;
     on CPU it reports zero device bytes.
 14. MoE layers under expert parallelism run megatron's training ``allgather``
@@ -318,6 +320,13 @@ def _apply_dynamic_inference_adaptations() -> None:
     attention.Attention.flash_decode_and_prefill = _paged_attention_method  # (11)
     attention.is_fa_min_version = lambda version, check_equality=True: True  # (11)
     dynamic_context.triton_append_key_value_cache = None  # (12)
+    allocate = dynamic_context.DynamicInferenceContext._allocate_memory_buffer
+
+    def allocate_zeroed(self: Any) -> None:
+        allocate(self)
+        self.memory_buffer.zero_()
+
+    dynamic_context.DynamicInferenceContext._allocate_memory_buffer = allocate_zeroed  # (12)
     torch.cuda.memory_stats = _cpu_memory_stats  # type: ignore[assignment]  (13)
     moe_layer.MoELayer.forward = _pad_moe_tokens_to_group(moe_layer.MoELayer.forward)  # (14)
     dynamic_context.DynamicInferenceContext.TOKEN_ROUNDER = 1  # (15)
@@ -371,14 +380,14 @@ def _paged_attention_method(self: Any, q: torch.Tensor, k: torch.Tensor,
             and hasattr(self, "softmax_scale"):
         latent_rank = self.config.kv_lora_rank  # absorbed decode over the latent cache
     out = paged_attention(q.squeeze(1), k, v, cu_seqlens_q, seqlens_k, block_table, scale,
-                          latent_rank=latent_rank)
+                          latent_rank=latent_rank, sanitized=True)
     return out.unsqueeze(1)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                     cu_seqlens_q: torch.Tensor, seqlens_k: torch.Tensor,
                     block_table: torch.Tensor, scale: float,
-                    latent_rank: int | None = None) -> torch.Tensor:
+                    latent_rank: int | None = None, sanitized: bool = False) -> torch.Tensor:
     """Attention of packed new queries over a paged KV cache, as flash-attention's paged
     kernels compute it.
 
@@ -390,6 +399,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (MLA's absorbed decode) ``k_cache`` is the latent cache ``[blocks, block_size,
     latent]``, shared by all heads, and the values are its first ``latent_rank``
     channels. Rows of padding requests (zero keys) and trailing padding rows are zero.
+    ``sanitized`` says that every slot of the caches holds a finite value (the engine's
+    zeroed buffer), which saves masking the values.
     """
     if latent_rank is not None:
         k_cache = k_cache.unsqueeze(2)
@@ -410,10 +421,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     values = v_cache[table].flatten(1, 2)
     total = torch.tensor([lengths[i] for i in real], device=device)[:, None, None]
     key_pos = torch.arange(keys.shape[1], device=device)[None, None, :]
-    # Slots past a request's length hold whatever the buffer held (it is allocated
-    # uninitialised): a NaN value would leak through a zero attention weight. (Scores of
-    # such slots are overwritten by the mask below, NaN or not.)
-    values = torch.where((key_pos < total)[:, 0, :, None, None], values, 0)
+    if not sanitized:
+        # Slots past a request's length may hold anything: a NaN value would leak through
+        # a zero attention weight. (Scores of such slots are overwritten by the mask.)
+        values = torch.where((key_pos < total)[:, 0, :, None, None], values, 0)
     new = [starts[i + 1] - starts[i] for i in real]
     longest = max(new)
     n, rep = len(real), heads // kv_heads
