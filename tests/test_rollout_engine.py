@@ -130,6 +130,13 @@ def test_seeded_sampling_is_reproducible(runs, name: str) -> None:
     assert all(len(s["response"]) == MAX_NEW for s in result["sampled"])
 
 
+def test_samples_do_not_depend_on_the_generation_layout(runs) -> None:
+    """Same model, prompts and seeds at TP=2 x EP=2 (one replica) and at EP=2 across two
+    data-parallel replicas: the same samples."""
+    one, two = runs["deepseek_v3"][0], runs["deepseek_v3_ep_across_dp"][0]
+    assert _responses(one["sampled"]) == _responses(two["sampled"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_logprobs_match_training_forward(runs, name: str) -> None:
     result, _ = runs[name]
@@ -204,5 +211,6 @@ def test_routing_replay_makes_trainer_and_rollout_agree(runs) -> None:
     assert result["gap_without_replay"] > 1e-3  # routing flipped between the two
     assert result["gap_with_replay"] < 1e-5
     assert result["step_with_replay"]["rollout/logprob_diff_max"] < 1e-5
+    assert result["step_with_replay"]["rollout/logprob_diff_outlier_frac"] == 0
     assert result["step_without_replay"]["rollout/logprob_diff_max"] > 1e-3
     assert result["step_without_replay"]["rollout/logprob_diff_outlier_frac"] > 0

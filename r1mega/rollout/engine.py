@@ -182,7 +182,7 @@ class RolloutEngine:
     Every rank of the model's TP group passes the same requests; ranks of different DP
     replicas pass their own. ``lockstep_group`` is the group whose ranks must run the
     same number of forward passes (``None``: the whole job, as MoE expert parallelism
-    needs; ``False``-like single-rank groups need no agreement).
+    needs; a dense model's TP ranks share their requests, so its TP group suffices).
     """
 
     def __init__(self, model: torch.nn.Module, pg_collection: Any, settings: EngineSettings,
@@ -207,8 +207,8 @@ class RolloutEngine:
                              f"cache needs {kv_footprint.MLA_BLOCK_TOKENS}-token blocks")
         # megatron pads requests per step to multiples of the TP size.
         self.max_requests = -(-settings.max_requests // self.tp_size) * self.tp_size
-        # megatron pads a step's tokens to multiples of 64 (its TOKEN_ROUNDER), so the
-        # per-step token budget is one too.
+        # megatron pads a step's tokens to multiples of its TOKEN_ROUNDER (64 on GPU), so
+        # the per-step token budget must be one too.
         from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
 
         self.max_tokens = DynamicInferenceContext.round_up_tokens(
