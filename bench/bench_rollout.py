@@ -137,13 +137,19 @@ def run_rl(scale: dict[str, Any], work: Path, old_checkout: Path | None) -> list
         _torchrun(1, "rl", str(spec_file), str(out))
         result = json.loads(out.read_text())
         runs = result["runs"]
+        hf_baselines = {system: "transformers" for system in runs}
         if old_checkout is not None:
-            spec = rl_spec(scale, model, ["old_engine"], seed=1)
+            # Its own process, taking turns with transformers there: its ratio is against
+            # the transformers runs of that process.
+            spec = rl_spec(scale, model, ["old_engine", "transformers"], seed=1)
             spec.pop("rollout")  # the old engine's config has none of the new keys
             spec_file.write_text(json.dumps(spec))
             _torchrun(1, "rl", str(spec_file), str(out),
                       pythonpath=f"{old_checkout}{os.pathsep}{ROOT}")
-            runs.update(json.loads(out.read_text())["runs"])
+            old = json.loads(out.read_text())["runs"]
+            runs["old_engine"] = old["old_engine"]
+            runs["transformers_beside_old_engine"] = old["transformers"]
+            hf_baselines["old_engine"] = "transformers_beside_old_engine"
         summary = {"model": model["model"], "parameters": result["parameters"],
                    "sequences": scale["prompts"] * scale["group"], "group": scale["group"],
                    "prompt_len": scale["prompt_len"], "max_new": scale["max_new"],
@@ -160,9 +166,9 @@ def run_rl(scale: dict[str, Any], work: Path, old_checkout: Path | None) -> list
                                              "prefill_tokens_skipped", "kv_bytes_per_token")
                    if k in timed[-1]},
             }
-        hf = summary["systems"]["transformers"]["tokens_per_s"]
-        for entry in summary["systems"].values():
-            entry["vs_transformers"] = entry["tokens_per_s"] / hf
+        for system, entry in summary["systems"].items():
+            baseline = summary["systems"][hf_baselines.get(system, system)]
+            entry["vs_transformers"] = entry["tokens_per_s"] / baseline["tokens_per_s"]
         results.append(summary)
     return results
 
@@ -224,12 +230,12 @@ def run(scale_name: str, work: Path, old_checkout: Path | None = None) -> dict[s
 def table(results: dict[str, Any]) -> str:
     lines = ["RL-shaped rollout (1 process, 1 thread; temperature 1, EOS-terminated; "
              "median tok/s over interleaved runs)",
-             f"{'model':<12} {'params':>7} {'system':<23} {'tok/s':>8} {'vs HF':>6} "
+             f"{'model':<12} {'params':>7} {'system':<31} {'tok/s':>8} {'vs HF':>6} "
              f"{'mean len':>8} {'range':>9} {'EOS':>5}"]
     for r in results["rl"]:
         for system, s in r["systems"].items():
             lo, hi = s["length_range"]
-            lines.append(f"{r['model']:<12} {r['parameters'] / 1e6:>6.1f}M {system:<23} "
+            lines.append(f"{r['model']:<12} {r['parameters'] / 1e6:>6.1f}M {system:<31} "
                          f"{s['tokens_per_s']:>8.1f} {s['vs_transformers']:>6.2f} "
                          f"{s['mean_length']:>8.1f} {f'{lo}-{hi}':>9} {s['eos_frac']:>5.0%}")
     lines += ["", "Prefix sharing (prompt tokens prefilled per group)",
