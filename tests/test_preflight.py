@@ -97,3 +97,12 @@ def test_cli_fails_before_launch_and_before_pretraining(tmp_path: Path) -> None:
         f"data.train_path={tmp_path / 'missing.jsonl'}: prompt file not found: "
         f"{tmp_path / 'missing.jsonl'}"]
     assert not base.exists() and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("name,command", [("tiny_cpu", "train"), ("r1_stage2_tiny_cpu", "train"),
+                                          ("sample_tiny_cpu", "sample"), ("sft_tiny_cpu", "sft")])
+def test_shipped_configs_pass_their_own_checks(name: str, command: str) -> None:
+    """A shipped config whose own data does not fit its budget fails here, not in a user's
+    first launch (distill and hf_tiny_cpu read files an earlier job writes: their walk in
+    tests/test_pipeline_walk.py and tests/test_hf_user_path.py launches them)."""
+    check_before_launch(load_config(ROOT / "configs" / f"{name}.yaml", world_size=2), command)

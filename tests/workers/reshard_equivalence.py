@@ -74,9 +74,20 @@ def training_logits(policy, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def generation_logits(model, groups, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=tokens, position_ids=torch.arange(SEQ).expand(BATCH, -1),
-                    attention_mask=None).float().contiguous()
+    # The generation model of an MLA policy caches latents, which megatron allows only
+    # under its dynamic engine; a whole-sequence forward reads the same parameters
+    # through the unabsorbed path (tests/test_rollout_engine.py checks the engine's).
+    layers = [m for m in model.modules() if getattr(m, "cache_mla_latents", False)]
+    holders = [*layers, *{id(m.config): m.config for m in layers}.values()]
+    for holder in holders:
+        holder.cache_mla_latents = False
+    try:
+        with torch.no_grad():
+            out = model(input_ids=tokens, position_ids=torch.arange(SEQ).expand(BATCH, -1),
+                        attention_mask=None).float().contiguous()
+    finally:
+        for holder in holders:
+            holder.cache_mla_latents = True
     parts = [torch.empty_like(out) for _ in range(groups.tp.size())]
     dist.all_gather(parts, out, group=groups.tp)
     return torch.cat(parts, dim=-1)
