@@ -168,6 +168,23 @@ def destroy_layout() -> None:
         parallel_state.destroy_model_parallel()
 
 
+def context_parallel_positions(seq_length: int, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Positions of a ``seq_length`` sequence held by context-parallel rank ``cp_rank``.
+
+    megatron-core's load-balanced layout: the sequence is cut into ``2 * cp_size`` equal
+    chunks and rank ``r`` holds chunks ``r`` and ``2 * cp_size - 1 - r`` (under causal
+    attention an early chunk is cheap and a late one expensive, so every rank gets one of
+    each), in that order.
+    """
+    if cp_size < 1 or not 0 <= cp_rank < cp_size or seq_length % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_length} does not split into 2 * cp = "
+                         f"{2 * cp_size} chunks for CP rank {cp_rank}")
+    chunk = seq_length // (2 * cp_size)
+    last = 2 * cp_size - 1 - cp_rank
+    return torch.cat([torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk),
+                      torch.arange(last * chunk, (last + 1) * chunk)])
+
+
 def rank_coordinates() -> dict[str, int]:
     """This rank's coordinates in every parallel dimension (for logs and file names)."""
     from megatron.core import parallel_state as ps

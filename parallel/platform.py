@@ -23,9 +23,11 @@ Adaptations (megatron-core 0.19.2):
    with ``device="cuda"``. Replaced by the same mask on the CPU.
 3. The local ``DotProductAttention`` does not accept MLA's ``k_channels`` /
    ``v_channels`` (query/key and value head dims differ in MLA) nor packed
-   sequences. :class:`SDPACoreAttention` is the project's core attention for
-   the non-TE path: torch's scaled-dot-product attention with an explicit
-   softmax scale, GQA, causal masking and THD-packed sequences.
+   sequences, and refuses context parallelism (TE's ring attention does it on GPU).
+   :class:`SDPACoreAttention` is the project's core attention for the non-TE path:
+   torch's scaled-dot-product attention with an explicit softmax scale, GQA, causal
+   masking, THD-packed sequences, and context parallelism by all-gathering keys and
+   values over the CP group (backward: reduce-scatter of their gradients).
 4. ``model_parallel_cuda_manual_seed`` raises without CUDA, and the tensor-parallel
    RNG tracker forks CUDA generator states (embedding, initialisation, recompute).
    On CPU the tracker's get/set functions act on the CPU generator, and
@@ -514,13 +516,16 @@ class SDPACoreAttention(torch.nn.Module):
         super().__init__()
         from megatron.core.transformer.enums import AttnMaskType
 
-        if config.context_parallel_size != 1:
-            raise NotImplementedError("SDPACoreAttention does not implement context parallelism")
         tp_size = (
             pg_collection.tp.size()
             if pg_collection is not None and getattr(pg_collection, "tp", None) is not None
             else 1
         )
+        self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        if self.cp_group is None and config.context_parallel_size > 1:
+            from megatron.core import parallel_state
+
+            self.cp_group = parallel_state.get_context_parallel_group()
         self.config = config
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
@@ -565,6 +570,13 @@ class SDPACoreAttention(torch.nn.Module):
             raise NotImplementedError("SDPACoreAttention does not take an attention bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = mask_type in self._causal_types
+        cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        if cp_size > 1:
+            if packed_seq_params is not None or attention_mask is not None or not causal:
+                raise NotImplementedError(
+                    "SDPACoreAttention splits causal, unpacked sequences without an explicit "
+                    "mask over context-parallel ranks only")
+            return self._context_parallel_forward(query, key, value)
         if packed_seq_params is not None:
             # THD: [t, heads, d]; attend within each packed sequence.
             cu = packed_seq_params.cu_seqlens_q.tolist()
@@ -581,6 +593,39 @@ class SDPACoreAttention(torch.nn.Module):
         mask = attention_mask if not causal or attention_mask is not None else None
         out = self._attend(q, k, v, causal, mask)
         # [b, h, s, dv] -> [s, b, h * dv]
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+
+    def _context_parallel_forward(self, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this CP rank's queries against the whole sequence.
+
+        Inputs hold this rank's two load-balanced chunks (``[s / cp, b, heads, d]``,
+        :func:`parallel.layout.context_parallel_positions`). Keys and values are
+        all-gathered over the CP group with megatron-core's sequence-parallel gather,
+        whose backward reduce-scatters the gradients (every rank's queries attend to every
+        rank's keys, so a key's gradient is the sum over ranks), then put in sequence
+        order; the causal mask compares global positions.
+        """
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        from parallel.layout import context_parallel_positions
+
+        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        local = query.shape[0]
+        total = local * cp_size
+        held = torch.cat([context_parallel_positions(total, r, cp_size) for r in range(cp_size)])
+        in_order = torch.argsort(held).to(key.device)
+        full_k, full_v = (
+            gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True,
+                                                 group=self.cp_group).index_select(0, in_order)
+            for t in (key, value))
+        q_pos = context_parallel_positions(total, cp_rank, cp_size).to(query.device)
+        allowed = torch.arange(total, device=query.device).unsqueeze(0) <= q_pos.unsqueeze(1)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, full_k, full_v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout_p if self.training else 0.0,
+            scale=self.softmax_scale, enable_gqa=self.num_heads != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
 

@@ -36,7 +36,8 @@ from r1mega.rollout.driver import Sampler, build_sampler, sample_groups, score
 from r1mega.rollout.parity import check_logprob_parity
 from r1mega.rollout.types import SamplingParams
 from r1mega.training.grpo_step import grpo_step
-from r1mega.training.optim import build_lr_scheduler, build_optimizer
+from r1mega.training.length_schedule import response_budget
+from r1mega.training.optim import build_lr_scheduler, build_optimizer, updates_per_step
 from r1mega.training.reference import ReferencePolicy
 
 
@@ -93,12 +94,14 @@ def run_training(cfg: Any) -> list[StepRecord]:
     tokenizer = job.tokenizer
     policy = job.build_policy(training=True)
     job.load_weights(policy, cfg.checkpoint.load)
-    reference = ReferencePolicy(policy)  # the initial weights, before any resume
+    reference = _initial_reference(cfg, policy)
     optimizer = build_optimizer(policy, cfg.train, cfg.precision)
-    scheduler = build_lr_scheduler(optimizer, cfg.train)
+    scheduler = build_lr_scheduler(optimizer, cfg.train,
+                                   cfg.train.steps * updates_per_step(cfg.grpo))
     sampler = _prompt_sampler(cfg)
     start_step = 1
-    resumed = load_latest_checkpoint(cfg.checkpoint.save_dir, policy, optimizer, scheduler)
+    resumed = load_latest_checkpoint(cfg.checkpoint.save_dir, policy, optimizer, scheduler,
+                                     reference)
     if resumed is not None:
         latest, state = resumed
         sampler.load_state_dict(state["sampler"])
@@ -114,13 +117,14 @@ def run_training(cfg: Any) -> list[StepRecord]:
     def checkpoint(step: int) -> None:
         save_checkpoint(cfg.checkpoint.save_dir, step, policy, optimizer, scheduler,
                         {"step": step, "sampler": sampler.state_dict()},
-                        keep_last=cfg.checkpoint.keep_last, config=cfg)
+                        keep_last=cfg.checkpoint.keep_last, config=cfg, reference=reference)
 
     try:
         for step in range(start_step, cfg.train.steps + 1):
             history.append(_train_one_step(cfg, step, layout, policy, reference, optimizer,
                                            scheduler, sampler, rollout, tokenizer, reward_fn,
                                            reward_model, monitor))
+            _maybe_reset_reference(cfg, step, policy, reference)
             finish_step(step, cfg.train.steps, cfg.checkpoint, checkpoint, preemption,
                         monitor, before_preemption_check=_maybe_inject_fault)
     finally:
@@ -129,6 +133,26 @@ def run_training(cfg: Any) -> list[StepRecord]:
         monitor.finish()
     dist.barrier()
     return history
+
+
+# ---------------------------------------------------------------- the reference policy
+def _initial_reference(cfg: Any, policy: Any) -> ReferencePolicy | None:
+    """The KL reference: the policy's starting weights (a resumed run then restores the
+    checkpoint's), or None when no KL term needs one."""
+    return ReferencePolicy(policy) if cfg.grpo.kl_coef > 0 else None
+
+
+def _maybe_reset_reference(cfg: Any, step: int, policy: Any,
+                           reference: ReferencePolicy | None) -> None:
+    """DeepSeek-R1's reference reset: after every ``grpo.reference_reset_interval`` steps
+    the current policy becomes the reference (before that step's checkpoint, which then
+    holds the new reference)."""
+    interval = cfg.grpo.reference_reset_interval
+    if reference is not None and interval > 0 and step % interval == 0:
+        reference.refresh(policy)
+        print_rank0(f"[r1mega] step {step}: the reference policy is now the current policy "
+                    f"(grpo.reference_reset_interval={interval})")
+# ----------------------------------------------------------------------------------------
 
 
 def _maybe_inject_fault(step: int) -> None:
@@ -147,7 +171,13 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
     t0 = time.perf_counter()
     start_phase()
     examples = sampler.next_batch()
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens,
+    # The step's response budget (rollout.length_schedule): the sampler gets it in the
+    # sampling params; the batch and Dr. GRPO's divisor follow it.
+    budget = response_budget(cfg, step)
+    if step > 1 and budget != response_budget(cfg, step - 1):
+        print_rank0(f"[r1mega] step {step}: response budget {budget.max_new_tokens} tokens, "
+                    f"sequence length {budget.seq_length} (rollout.length_schedule)")
+    params = SamplingParams(max_new_tokens=budget.max_new_tokens,
                             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                             top_k=cfg.rollout.top_k, eos_id=tokenizer.eos_id,
                             pad_id=tokenizer.pad_id)
@@ -161,14 +191,15 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
     reward_stats.update({f"reward/{name}/mean": v for name, v in per_source.items()})
     t2 = time.perf_counter()
     start_phase()
-    batch, truncated = build_rollout_batch(samples, rewards.tolist(), cfg.train.seq_length,
+    batch, truncated = build_rollout_batch(samples, rewards.tolist(), budget.seq_length,
                                            tokenizer.pad_id)
     metrics = grpo_step(policy, reference, optimizer, scheduler, batch, cfg.grpo, cfg.train,
                         dp_size=layout.dp, temperature=cfg.rollout.temperature or 1.0,
-                        max_response_len=cfg.rollout.max_new_tokens,
+                        max_response_len=budget.max_new_tokens,
                         pack=cfg.train.pack_sequences,
-                        logprob_outlier_threshold=cfg.rollout.logprob_outlier_threshold)
+                        logprob_outlier_threshold=cfg.rollout.logprob_outlier_threshold).metrics
     check_logprob_parity(metrics, cfg.rollout.logprob_check)  # rollout vs trainer
+    metrics["max_new_tokens"] = float(budget.max_new_tokens)
     t3 = time.perf_counter()
     lengths = [len(s.response_ids) for s in samples]
     new_tokens = sum(lengths)

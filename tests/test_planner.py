@@ -97,10 +97,12 @@ def test_671b_layout_bytes_per_gpu() -> None:
     # MLA's KV cache: the 512 latent + 64 rope values per token and layer, bf16.
     assert kv_bytes_per_token_layer(cfg.model, 8) == 2 * (512 + 64)
     g = plan.generation
-    assert g.sequences_per_replica == 512 // 64
-    # The engine's buffer: every sequence of a replica at full length, in 64-token blocks,
-    # plus megatron's dummy block.
-    blocks = 8 * -(-cfg.train.seq_length // 64) + 1
+    # 8,192 rollouts over 64 replicas, decoded 8 at a time (rollout.max_batch_size), at the
+    # largest response budget of the length schedule (65,536 + the 1,024 prompt budget).
+    assert g.sequences_per_replica == 8 and g.decode_rounds == 8192 // 64 // 8
+    # The engine's buffer: every sequence decoded at once at full length, in 64-token
+    # blocks, plus megatron's dummy block.
+    blocks = 8 * -(-66560 // 64) + 1
     assert g.kv_cache == blocks * 64 * 2 * 576 * 61
     assert plan.fits, plan.problems
     assert plan.worst_stage.total < 80 * GiB and g.total < 80 * GiB

@@ -188,7 +188,9 @@ def policy_loss_terms(
             recomputed by the trainer (equal to ``logp`` in value on the first epoch).
         advantages: ``[B]`` per-sequence (or ``[B, S]`` per-token) advantages.
         mask: ``[B, S]`` 1 on response tokens.
-        clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``.
+        clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``;
+            ``clip_low >= 1`` makes the lower bound <= 0, which a ratio never reaches, so
+            only the upper clip binds (DeepSeek-R1 trains with a clip ratio of 10).
         dual_clip: dual-clip constant ``c > 1`` (Ye et al. 2020), or None.
         ratio_level: ``"token"`` (PPO/GRPO) or ``"sequence"`` (GSPO).
         loss_agg: ``"token-mean"``, ``"seq-mean-token-mean"`` or
@@ -215,8 +217,8 @@ def policy_loss_terms(
         raise ValueError(f"unknown ratio_level {ratio_level!r}; expected one of "
                          f"{RATIO_LEVELS}")
     _check_loss_agg(loss_agg, max_response_len)
-    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low="
+    if clip_low < 0.0 or clip_high < 0.0:
+        raise ValueError(f"need clip_low >= 0 and clip_high >= 0, got clip_low="
                          f"{clip_low}, clip_high={clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020), got {dual_clip}")

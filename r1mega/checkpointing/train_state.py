@@ -108,11 +108,13 @@ _MANAGERS: list = []
 
 def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
                     scheduler: Any, trainer_state: dict[str, Any], keep_last: int = 0,
-                    config: Any = None) -> Path:
+                    config: Any = None, reference: Any = None) -> Path:
     """Collectively save everything needed to resume after ``step``; returns its path.
 
     ``config`` (the job's resolved config) is stored beside the weights, so tools such as
-    `r1mega eval CHECKPOINT` can rebuild the model from the checkpoint alone."""
+    `r1mega eval CHECKPOINT` can rebuild the model from the checkpoint alone.
+    ``reference`` (RL's :class:`~r1mega.training.reference.ReferencePolicy`) is saved in
+    the same checkpoint (``reference.*`` keys)."""
     from megatron.core import dist_checkpointing
 
     final = step_dir(root, step)
@@ -126,6 +128,11 @@ def save_checkpoint(root: str | Path, step: int, policy: Policy, optimizer: Any,
     state["scheduler"] = scheduler.state_dict()
     state["trainer"] = trainer_state
     state["adam_step"] = _adam_step(optimizer)
+    # --- the RL reference policy (r1mega.training.reference) ---
+    state["has_reference"] = reference is not None
+    if reference is not None:
+        state["reference"] = reference.sharded_state_dict(policy)
+    # ---
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     rank = dist.get_rank()
@@ -182,9 +189,11 @@ def _verified(path: Path) -> list[str]:
 
 
 def load_latest_checkpoint(root: str | Path | None, policy: Policy, optimizer: Any,
-                           scheduler: Any) -> tuple[Path, dict[str, Any]] | None:
+                           scheduler: Any, reference: Any = None
+                           ) -> tuple[Path, dict[str, Any]] | None:
     """Collectively restore the newest intact checkpoint under ``root``; returns its path
-    and the trainer state, or None when there is none.
+    and the trainer state, or None when there is none. ``reference`` as for
+    :func:`load_checkpoint`.
 
     A checkpoint that fails its integrity check (a truncated or altered shard, a missing
     or malformed marker or manifest) is reported, set aside as ``step_N.corrupt`` and the
@@ -201,7 +210,7 @@ def load_latest_checkpoint(root: str | Path | None, policy: Policy, optimizer: A
         path = Path(holder[0])
         problems = _verified(path)
         if not problems:
-            return path, load_checkpoint(path, policy, optimizer, scheduler)
+            return path, load_checkpoint(path, policy, optimizer, scheduler, reference)
         if dist.get_rank() == 0:
             moved = set_aside(path)
             shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more"
@@ -266,14 +275,25 @@ def _restore_adam_steps(optimizer: Any, step: float | None) -> None:
 
 
 def load_checkpoint(path: str | Path, policy: Policy, optimizer: Any,
-                    scheduler: Any) -> dict[str, Any]:
+                    scheduler: Any, reference: Any = None) -> dict[str, Any]:
     """Collectively restore a checkpoint saved by :func:`save_checkpoint` (at any
-    layout); returns the trainer state (step, data position ...)."""
+    layout); returns the trainer state (step, data position ...). With ``reference``
+    (RL), the checkpoint's reference policy is restored into it; a checkpoint saved
+    without one is refused."""
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     _init_empty_adam_state(optimizer)
     state = _sharded_state(policy, optimizer, is_loading=True)
+    # --- the RL reference policy (r1mega.training.reference) ---
+    if reference is not None:
+        if not dist_checkpointing.load_common_state_dict(str(path)).get("has_reference"):
+            raise ValueError(
+                f"{path} holds no reference policy (saved by a run without one, e.g. "
+                "grpo.kl_coef=0): its reference cannot be restored; resume with "
+                "grpo.kl_coef=0 or start a new checkpoint.save_dir")
+        state["reference"] = reference.sharded_state_dict(policy)
+    # ---
     saved_world = read_meta(Path(path))["world_size"]
     if saved_world != dist.get_world_size():
         state.pop("rng")  # per-rank RNG streams only carry over to the same world size
@@ -289,6 +309,8 @@ def load_checkpoint(path: str | Path, policy: Policy, optimizer: Any,
     with torch.no_grad():
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer, loaded.get("adam_step"))
+    if reference is not None:
+        reference.load_state_dict(policy, loaded["reference"])
     scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded.get("rng")
     if isinstance(rng, dict):

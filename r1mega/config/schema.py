@@ -113,6 +113,8 @@ class PrecisionConfig:
 class TrainConfig:
     """Optimisation of the policy."""
 
+    # RL: steps (rollouts), each with grpo.minibatches x grpo.epochs_per_step optimizer
+    # updates; the LR schedule (lr_warmup_steps and the decay) counts optimizer updates.
     steps: int = 1
     seed: int = 1234
     micro_batch_size: int = 1
@@ -152,6 +154,22 @@ class GRPOConfig:
     drop_uniform_groups: bool = False  # DAPO dynamic sampling
     tis_cap: float | None = None  # truncated importance sampling cap
     epochs_per_step: int = 1
+    # --- R1's update schedule (see r1mega.training.grpo_step) ---
+    # Optimizer updates per epoch over one rollout: the rollout's prompt groups are split
+    # into this many minibatches of whole groups (DeepSeek-R1: 8,192 outputs per rollout
+    # in 16 minibatches of 512); old log-probs come from before the first update.
+    minibatches: int = 1
+    # Replace the reference policy by the current policy after every N steps (rollouts);
+    # 0 never does. The reference is part of the checkpoint.
+    reference_reset_interval: int = 0
+
+
+@dataclass
+class LengthPhase:
+    """One phase of the response-length schedule (r1mega.training.length_schedule)."""
+
+    from_step: int = MISSING  # first step of the phase (phase 0 is step 1's settings)
+    max_new_tokens: int = MISSING  # the phase's response budget
 
 
 @dataclass
@@ -192,6 +210,10 @@ class RolloutConfig:
     refit_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     offload_training_state: bool = True  # gradients and optimizer state off the GPU
     release_generation_weights: bool = True  # generation weights freed while training
+    # Response-length schedule: from step `from_step` on, responses get `max_new_tokens`
+    # and train.seq_length grows by the same amount (the prompt budget is kept).
+    # DeepSeek-R1-Zero: 32,768 tokens, then 65,536 from step ~8.2k.
+    length_schedule: list[LengthPhase] = field(default_factory=list)
 
 
 @dataclass

@@ -35,10 +35,6 @@ FP8_AMAX_ALGOS = ("max", "most_recent")
 OPTIMIZER_DTYPES = ("float32", "bfloat16")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 RECOMPUTE_MODES = (None, "selective", "full")
-ADVANTAGES = ("grpo", "dr_grpo")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-RATIO_LEVELS = ("token", "sequence")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 WANDB_MODES = ("online", "offline", "disabled")
 TOKENIZER_TYPES = ("hf", "sentencepiece", "bytes")
 TEMPLATES = ("r1_zero", "chat", "none")
@@ -406,6 +402,9 @@ def _check_training(errors: list[str], cfg: Any, train_dp: int | None) -> None:
 
 
 def _check_grpo(errors: list[str], grpo: Any) -> None:
+    # The loss's own registries (valid names live next to the code that implements them).
+    from r1mega.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGS, RATIO_LEVELS
+
     _at_least(
         errors,
         "grpo.group_size",
@@ -413,6 +412,7 @@ def _check_grpo(errors: list[str], grpo: Any) -> None:
         2,
         " (group-relative advantages need at least two samples per prompt)",
     )
+    # Any clip ratio >= 0 is computable; >= 1 leaves that side unclipped (R1: 10).
     _at_least(errors, "grpo.clip_low", grpo.clip_low, 0.0)
     _at_least(errors, "grpo.clip_high", grpo.clip_high, 0.0)
     _at_least(errors, "grpo.kl_coef", grpo.kl_coef, 0.0)
@@ -425,6 +425,56 @@ def _check_grpo(errors: list[str], grpo: Any) -> None:
         errors.append(f"grpo.dual_clip={grpo.dual_clip} must be > 1 (dual-clip PPO bound)")
     if grpo.tis_cap is not None and grpo.tis_cap <= 0.0:
         errors.append(f"grpo.tis_cap={grpo.tis_cap} must be > 0")
+
+
+# ---------------------------------------------------------------- R1's update schedule
+def _check_rl_schedule(errors: list[str], cfg: Any, train_dp: int | None) -> None:
+    """Minibatches of whole groups, the reference reset, the response-length schedule,
+    and what context parallelism needs of them (r1mega.training.grpo_step)."""
+    grpo, rollout, train = cfg.grpo, cfg.rollout, cfg.train
+    _at_least(errors, "grpo.reference_reset_interval", grpo.reference_reset_interval, 0)
+    if _at_least(errors, "grpo.minibatches", grpo.minibatches, 1) \
+            and rollout.prompts_per_step is not None and rollout.prompts_per_step >= 1:
+        if rollout.prompts_per_step % grpo.minibatches:
+            errors.append(
+                f"grpo.minibatches={grpo.minibatches} does not divide "
+                f"rollout.prompts_per_step={rollout.prompts_per_step} (each minibatch is "
+                "one optimizer update on whole prompt groups)")
+        elif train_dp is not None and grpo.minibatches > 1 and train.micro_batch_size >= 1:
+            rows = rollout.prompts_per_step // grpo.minibatches * grpo.group_size
+            if rows % (train.micro_batch_size * train_dp):
+                errors.append(
+                    f"a minibatch of rollout.prompts_per_step / grpo.minibatches = "
+                    f"{rollout.prompts_per_step // grpo.minibatches} groups x "
+                    f"grpo.group_size={grpo.group_size} = {rows} responses does not split "
+                    f"into train.micro_batch_size={train.micro_batch_size} * data-parallel "
+                    f"size {train_dp}")
+    last = 1
+    prompt_budget = train.seq_length - rollout.max_new_tokens
+    cp = cfg.train_layout.cp
+    for i, phase in enumerate(rollout.length_schedule):
+        key = f"rollout.length_schedule[{i}]"
+        if phase.from_step is None or phase.from_step <= last:
+            errors.append(f"{key}.from_step={_fmt(phase.from_step)} must be > {last} (phases "
+                          "start after step 1 and after the previous phase)")
+        else:
+            last = phase.from_step
+        if not _at_least(errors, f"{key}.max_new_tokens", phase.max_new_tokens, 1):
+            continue
+        seq = prompt_budget + phase.max_new_tokens
+        if seq < 1:
+            errors.append(f"{key}.max_new_tokens={phase.max_new_tokens} gives a sequence "
+                          f"length of {seq} (train.seq_length - rollout.max_new_tokens + it)")
+        elif cp is not None and cp > 1 and seq % (2 * cp):
+            errors.append(
+                f"{key}.max_new_tokens={phase.max_new_tokens} gives a sequence length of "
+                f"{seq}, not divisible by 2*train_layout.cp={2 * cp} (context parallelism "
+                "gives each rank two load-balanced chunks)")
+    if cp is not None and cp > 1 and train.pack_sequences:
+        errors.append(
+            f"train.pack_sequences=true with train_layout.cp={cp}: packed (THD) rollouts are "
+            "not split over context-parallel ranks; set train.pack_sequences=false (padded "
+            "rows are split into load-balanced chunks) or train_layout.cp=1")
 
 
 def _check_misc(errors: list[str], cfg: Any) -> None:
@@ -576,6 +626,7 @@ def validate_config(cfg: Any, world_size: int | None = None) -> None:
             train_dp = data_parallel_size(layout, world_size, name=name)
     _check_training(errors, cfg, train_dp)
     _check_grpo(errors, cfg.grpo)
+    _check_rl_schedule(errors, cfg, train_dp)
     _check_misc(errors, cfg)
     _check_sample(errors, cfg.sample)
     _check_sft(errors, cfg.sft)

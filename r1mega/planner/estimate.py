@@ -58,6 +58,7 @@ from r1mega.planner.params import (
     mtp_block,
 )
 from r1mega.rollout import kv_footprint
+from r1mega.training.length_schedule import at_largest_response_budget
 
 __all__ = ["GenerationMemory", "Plan", "StageMemory", "StepTime", "kv_bytes_per_token_layer",
            "layer_activation_bytes", "make_plan", "stage_layers"]
@@ -189,8 +190,9 @@ class GenerationMemory:
     train_weights: float
     reserve: float
     offloaded: float  # training grads + optimizer moved to host during the rollout
-    sequences_per_replica: int
+    sequences_per_replica: int  # decoded at once (rollout.max_batch_size slots at most)
     kv_bytes_per_token: float  # per GPU, all its layers
+    decode_rounds: int = 1  # a replica's rollouts over its slots, one after another
 
     @property
     def total(self) -> float:
@@ -249,9 +251,10 @@ class Plan:
     time: StepTime
     hardware: Hardware
     assumptions: Assumptions
-    microbatches: int
+    microbatches: int  # per DP rank and optimizer update
     tokens_per_microbatch: int
     problems: list[str] = field(default_factory=list)
+    updates_per_step: int = 1  # grpo.minibatches x grpo.epochs_per_step
 
     @property
     def worst_stage(self) -> StageMemory:
@@ -341,7 +344,8 @@ def _generation_memory(cfg: Any, layout: Layout, params: ModelParams, asm: Assum
     # the TP size) and sizes its KV buffer for them at full length, or takes
     # rollout.kv_cache_gib (r1mega.rollout.kv_footprint has the rule).
     slots = -(-cfg.rollout.max_batch_size // layout.tp) * layout.tp
-    per_replica = min(math.ceil(sequences / layout.dp), slots)
+    rollouts = math.ceil(sequences / layout.dp)
+    per_replica = min(rollouts, slots)
     n_layers = len(stage_layers(layout, m.num_layers)[worst])
     kv_token = kv_bytes_per_token_layer(m, layout.tp, pbytes) * n_layers
     kv = kv_footprint.kv_buffer_bytes(
@@ -356,6 +360,7 @@ def _generation_memory(cfg: Any, layout: Layout, params: ModelParams, asm: Assum
         kv_cache=kv, workspace=workspace, train_weights=worst_train.weights,
         reserve=asm.runtime_reserve_gib * GiB, offloaded=offloaded,
         sequences_per_replica=per_replica, kv_bytes_per_token=kv_token,
+        decode_rounds=math.ceil(rollouts / per_replica),
     )
 
 
@@ -417,8 +422,7 @@ def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Har
                                if gl.ep > 1 else 0.0)
     per_token = max(hbm, compute) + tp_lat + ep_lat
     # More sequences per replica than the engine decodes at once: they go in waves.
-    waves = math.ceil(math.ceil(sequences / gl.dp) / batch)
-    decode = waves * response * per_token
+    decode = gen.decode_rounds * response * per_token
 
     # -- resharding: every GPU receives its generation weights (upper bound) ----------
     reshard_bytes = gen.weights
@@ -435,14 +439,18 @@ def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Har
             mtp_active -= (m.num_experts - m.moe_topk) * 3 * m.hidden_size * m.moe_ffn_hidden_size
         head = params.output.total or params.embedding.total
         fwd_per_token += mtp * (2 * (mtp_active + head) + attention_score_flops(m, seq / 2))
-    passes = 3 + (1 if train.recompute == "full" else 0) + 1  # fwd+bwd, recompute, reference
+    updates = plan_args["updates"]
+    old_pass = 1 if updates > 1 else 0  # old log-probs before several updates
+    # fwd+bwd, recompute, reference, old log-probs
+    passes = 3 + (1 if train.recompute == "full" else 0) + 1 + old_pass
     train_flops = passes * fwd_per_token * tokens
     train_compute = train_flops / (world * hw.peak_flops(fp8) * asm.train_mfu(fp8))
     microbatches = plan_args["microbatches"]
     bubble = (tl.pp - 1) / microbatches
 
     # Communication per GPU per step, not overlapped (upper bound).
-    fwd_passes = 3 if train.recompute == "full" else 2  # train fwd (+ recompute) + reference
+    # train fwd (+ recompute) + reference (+ old log-probs)
+    fwd_passes = (3 if train.recompute == "full" else 2) + old_pass
     tokens_gpu = tokens / (tl.dp * tl.cp * tl.tp)  # one DP rank's tokens, SP/CP-sharded
     layers_per_stage = max(len(r) for r in stage_layers(tl, n_layers))
     moe_frac = moe_layers / n_layers
@@ -456,10 +464,10 @@ def _step_time(cfg: Any, plan_args: dict[str, Any], params: ModelParams, hw: Har
                     * (fwd_passes + 1) * (tl.tp - 1) / tl.tp)
     worst = max(plan_args["stages"], key=lambda s: s.params)
     dp_bytes = 0.0
-    if tl.dp > 1:  # reduce-scatter fp32 grads + all-gather bf16 params
-        dp_bytes += worst.dense_params * (4 + 2) * (tl.dp - 1) / tl.dp
+    if tl.dp > 1:  # reduce-scatter fp32 grads + all-gather bf16 params, every update
+        dp_bytes += updates * worst.dense_params * (4 + 2) * (tl.dp - 1) / tl.dp
     if tl.expert_dp > 1:
-        dp_bytes += worst.expert_params * (4 + 2) * (tl.expert_dp - 1) / tl.expert_dp
+        dp_bytes += updates * worst.expert_params * (4 + 2) * (tl.expert_dp - 1) / tl.expert_dp
     train_comm = (_link_time(ep_bytes, _span_nodes(tl.ep * tl.etp, gpus_per_node), hw, asm)
                   + _link_time(tp_bytes, _span_nodes(tl.tp, gpus_per_node), hw, asm)
                   + _link_time(dp_bytes, 1.0 if world > gpus_per_node else 0.0, hw, asm))
@@ -475,16 +483,22 @@ def make_plan(cfg: Any, world_size: int, gpus_per_node: int, gpu_mem_gib: float,
     """Estimate memory and time of ``cfg``'s layouts on ``world_size`` GPUs."""
     hw = hardware or Hardware()
     asm = assumptions or Assumptions()
+    # Memory and time at the largest response budget of rollout.length_schedule.
+    cfg = at_largest_response_budget(cfg)
     params = count_parameters(cfg.model)
     tl = Layout.from_config(cfg.train_layout, world_size, name="train_layout")
     gl = Layout.from_config(cfg.generation_layout, world_size, name="generation_layout")
     sequences = cfg.rollout.prompts_per_step * cfg.grpo.group_size
-    microbatches = max(1, sequences // (tl.dp * cfg.train.micro_batch_size))
+    # One optimizer update per minibatch (grpo.minibatches) and epoch.
+    updates = cfg.grpo.minibatches * cfg.grpo.epochs_per_step
+    microbatches = max(1, sequences // cfg.grpo.minibatches
+                       // (tl.dp * cfg.train.micro_batch_size))
     tokens = cfg.train.seq_length * cfg.train.micro_batch_size
     stages = _train_memory(cfg, tl, params, asm, microbatches, tokens)
     generation = _generation_memory(cfg, gl, params, asm, stages)
     time = _step_time(cfg, {"train_layout": tl, "gen_layout": gl, "generation": generation,
                             "gpus_per_node": gpus_per_node, "microbatches": microbatches,
+                            "updates": updates,
                             "stages": stages}, params, hw, asm)
     capacity = gpu_mem_gib * GiB
     problems = []
@@ -503,5 +517,6 @@ def make_plan(cfg: Any, world_size: int, gpus_per_node: int, gpu_mem_gib: float,
     return Plan(world_size=world_size, gpus_per_node=gpus_per_node, gpu_mem_bytes=capacity,
                 params=params, train_layout=tl, gen_layout=gl, stages=stages,
                 generation=generation, time=time, hardware=hw, assumptions=asm,
-                microbatches=microbatches, tokens_per_microbatch=tokens, problems=problems)
+                microbatches=microbatches, tokens_per_microbatch=tokens, problems=problems,
+                updates_per_step=updates)
 

@@ -82,8 +82,9 @@ def format_plan(plan: Any, cfg: Any, config_name: str) -> str:
         "",
         f"Training layout: {tl.describe()}"
         + (f", expert-DP={tl.expert_dp}" if m.num_experts else "") + ", "
-        f"SP={'on' if tl.sequence_parallel else 'off'}; {plan.microbatches} microbatch(es) of "
-        f"{plan.tokens_per_microbatch} tokens per DP rank and step; recompute "
+        f"SP={'on' if tl.sequence_parallel else 'off'}; {plan.updates_per_step} optimizer "
+        f"update(s) per step, each {plan.microbatches} microbatch(es) of "
+        f"{plan.tokens_per_microbatch} tokens per DP rank; recompute "
         f"{cfg.train.recompute or 'none'}; distributed optimizer "
         f"{'on' if cfg.train.use_distributed_optimizer else 'off'}",
         "  GiB per GPU:",
@@ -105,7 +106,8 @@ def format_plan(plan: Any, cfg: Any, config_name: str) -> str:
         f"Generation layout: {gl.describe()}"
         + (f", expert-DP={gl.expert_dp}" if m.num_experts else "") + "; "
         f"{g.sequences_per_replica} sequence(s) x {cfg.train.seq_length} tokens decoded at "
-        "once per replica",
+        "once per replica "
+        f"({g.decode_rounds} round(s) of rollout.max_batch_size)",
         f"  GiB per GPU: weights {_gib(g.weights)} ({_count(g.dense_params + g.expert_params)} "
         f"params), KV cache {_gib(g.kv_cache)} (the engine's paged buffer; "
         f"{g.kv_bytes_per_token / 1024:.1f} KiB per token over this GPU's layers), sampling "
@@ -162,6 +164,16 @@ def run_plan(args: argparse.Namespace) -> int:
     mem = args.gpu_mem_gib or probe.slurm.gpu_mem_gib
     world = nodes * gpus
     cfg = load_config(args.config, args.overrides, world_size=world)
+    if cfg.rollout.length_schedule:
+        from r1mega.training.length_schedule import (
+            at_largest_response_budget,
+            largest_response_budget,
+        )
+
+        largest = largest_response_budget(cfg)
+        print(f"Planned at the largest response budget of rollout.length_schedule: "
+              f"{largest.max_new_tokens} new tokens, train.seq_length {largest.seq_length}\n")
+        cfg = at_largest_response_budget(cfg)
     plan = make_plan(cfg, world, gpus, mem)
     print(format_plan(plan, cfg, args.config))
     if plan.problems:

@@ -1,4 +1,4 @@
-"""The SFT loss and one optimizer step, at any TP/PP/EP/DP layout.
+"""The SFT loss and one optimizer step, at any TP/PP/EP/CP/DP layout.
 
 The loss is next-token cross-entropy averaged over the response (+ EOS) tokens of the
 global batch. The model computes per-token cross-entropy itself (``labels`` given to
@@ -10,6 +10,9 @@ microbatches and DP ranks, padded or packed, gives the gradient of the same mean
 With multi-token prediction (DeepSeek-V3) the MTP head is trained too: megatron-core adds
 its loss (``model.mtp_loss_scaling_factor``, over the same response tokens shifted) to
 the backward pass. Reported losses are the main head's.
+
+Under context parallelism every padded row's tokens are split over the CP ranks
+(:mod:`r1mega.training.context_parallel`) and the sums run over DP x CP.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from r1mega.training.context_parallel import cp_size_and_rank, split_microbatch
+from r1mega.training.optim import optimizer_update
 from r1mega.training.packing import packed_seq_params
 from r1mega.training.policy import Policy
 from r1mega.training.schedule import forward_backward, lm_loss
@@ -42,6 +47,17 @@ def to_device(microbatches: list[dict[str, Tensor]], device: torch.device
             for mb in microbatches]
 
 
+def _context_parallel_share(mb: dict[str, Tensor]) -> dict[str, Tensor]:
+    """This CP rank's tokens of a padded microbatch (:mod:`r1mega.training.context_parallel`;
+    packed ones are refused: their sequences would need a split each)."""
+    if cp_size_and_rank()[0] == 1:
+        return mb
+    if "cu_seqlens" in mb:
+        raise ValueError("packed SFT batches are not split over context parallelism: set "
+                         "sft.pack_sequences=false or train_layout.cp=1")
+    return split_microbatch(mb, ("tokens", "labels", "loss_mask", "position_ids"))
+
+
 def _global_sums(stats: list[dict[str, Tensor]], device: torch.device) -> Tensor:
     """(loss sum, loss tokens) over microbatches and DP ranks, on every rank: computed
     on the last pipeline stage, broadcast to the others (on ``device``: NCCL needs the
@@ -52,7 +68,7 @@ def _global_sums(stats: list[dict[str, Tensor]], device: torch.device) -> Tensor
     if ps.is_pipeline_last_stage():
         for s in stats:
             totals += s["lm_loss"].detach().to(device, torch.float64)
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
     pp_group = ps.get_pipeline_model_parallel_group()
     src = dist.get_global_rank(pp_group, ps.get_pipeline_model_parallel_world_size() - 1)
     dist.broadcast(totals, src=src, group=pp_group)
@@ -65,6 +81,7 @@ def sft_loss(policy: Policy, microbatches: list[dict[str, Tensor]],
     every rank); with ``forward_only=False`` the finalized gradients are left in the
     DDP buffers (``param.main_grad``)."""
     device = next(policy.chunks[0].parameters()).device
+    microbatches = [_context_parallel_share(mb) for mb in microbatches]
     with torch.set_grad_enabled(not forward_only):
         stats = forward_backward(policy, to_device(microbatches, device), lm_loss,
                                  forward_only=forward_only, model_forward=sft_forward)
@@ -83,8 +100,6 @@ def sft_step(policy: Policy, optimizer: Any, scheduler: Any,
     policy.zero_grad()
     optimizer.zero_grad()
     loss, tokens = sft_loss(policy, microbatches)
-    lr = optimizer.param_groups[0]["lr"]
-    _, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    return {"loss": loss, "response_tokens": float(tokens),
-            "grad_norm": float(grad_norm or 0.0), "lr": float(lr)}
+    lr, grad_norm = optimizer_update(optimizer, scheduler)
+    return {"loss": loss, "response_tokens": float(tokens), "grad_norm": grad_norm,
+            "lr": lr}

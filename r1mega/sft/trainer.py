@@ -136,9 +136,13 @@ def train_sft(cfg: Any, stage: str = "sft") -> list[SFTStepRecord]:
     if stage not in STAGES:
         raise ValueError(f"unknown SFT stage {stage!r}: expected one of {STAGES}")
     preemption = PreemptionHandler().install()
-    if cfg.train_layout.cp > 1:
-        raise ValueError("SFT does not split sequences over context parallelism: set "
-                         "train_layout.cp=1")
+    if cfg.train_layout.cp > 1 and cfg.sft.pack_sequences:
+        from r1mega.config import ConfigError
+
+        raise ConfigError(f"sft.pack_sequences=true with train_layout.cp="
+                          f"{cfg.train_layout.cp}: packed rows are not split over "
+                          "context-parallel ranks; set sft.pack_sequences=false (padded rows "
+                          "are) or train_layout.cp=1")
     job = Job(cfg)
     layout = job.layout
     print_rank0(job.describe())
@@ -194,7 +198,7 @@ def _train_step(cfg: Any, layout: Layout, policy: Policy, optimizer: Any, schedu
                        pack=cfg.sft.pack_sequences, dp_rank=ps.get_data_parallel_rank(),
                        dp_size=layout.dp, micro_batch_size=cfg.train.micro_batch_size,
                        seq_length=cfg.train.seq_length, pad_id=pad_id,
-                       pad_multiple=layout.tp if policy.config.sequence_parallel else 1)
+                       pad_multiple=_pad_multiple(layout, policy.config.sequence_parallel))
     metrics = sft_step(policy, optimizer, scheduler, batch.microbatches)
     seconds = time.perf_counter() - t0
     metrics.update({
@@ -204,6 +208,14 @@ def _train_step(cfg: Any, layout: Layout, policy: Policy, optimizer: Any, schedu
         "perf/tokens": float(batch.real_tokens),
     })
     return metrics
+
+
+def _pad_multiple(layout: Layout, sequence_parallel: bool) -> int:
+    """Row widths divide into what the layout splits a sequence into: TP ranks under
+    sequence parallelism, and 2 * CP load-balanced chunks (each CP rank's share again
+    over TP)."""
+    tp = layout.tp if sequence_parallel else 1
+    return tp * 2 * layout.cp if layout.cp > 1 else tp
 
 
 def progress_line(step: int, last_step: int, plan: SFTPlan, metrics: dict[str, float]) -> str:

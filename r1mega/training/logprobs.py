@@ -26,9 +26,15 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
-    # megatron-core's kernel expects [s, b, V/tp] and may modify its input in place.
-    loss = vocab_parallel_cross_entropy(scaled.transpose(0, 1).contiguous(),
-                                        targets.transpose(0, 1).contiguous())
+    # megatron-core's kernel expects [s, b, V/tp] and subtracts the row maximum from its
+    # input in place. transpose().contiguous() copies, except when the batch or sequence
+    # dimension is 1 (the transposed view is contiguous already), and .float() of fp32
+    # logits at T=1 is the caller's tensor itself: copy then, or the caller's logits
+    # would be overwritten.
+    seq_first = scaled.transpose(0, 1)
+    seq_first = seq_first.clone() if seq_first.is_contiguous() and \
+        seq_first.data_ptr() == logits.data_ptr() else seq_first.contiguous()
+    loss = vocab_parallel_cross_entropy(seq_first, targets.transpose(0, 1).contiguous())
     return -loss.transpose(0, 1)
 
 
@@ -41,6 +47,9 @@ def vocab_parallel_entropy(logits: torch.Tensor, temperature: float = 1.0) -> to
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
         shifted = scaled - local_max
         exp = shifted.exp()
-        sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
+        # -inf logits (masked vocabulary entries) have p = 0 and contribute 0 * log 0 = 0,
+        # not 0 * -inf = nan.
+        p_log_p = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp))
+        sums = torch.stack([exp.sum(-1), p_log_p.sum(-1)])
         dist.all_reduce(sums, group=group)
         return sums[0].log() - sums[1] / sums[0]

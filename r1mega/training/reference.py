@@ -13,16 +13,26 @@ parameter storage for a forward-only pass:
 
 Persistent buffers that change the function (MoE router expert biases) travel with the
 weights.
+
+The reference is part of a training checkpoint (:meth:`ReferencePolicy.sharded_state_dict`
+under the ``reference.`` prefix of the same distributed checkpoint): after
+``grpo.reference_reset_interval`` resets it is no longer the initial weights, and even
+before, a resumed run must not re-derive it from ``checkpoint.load`` (a run directory's
+newest step changes as that run goes on).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from r1mega.training.policy import Policy
+
+#: Key prefix of the reference's tensors inside a training checkpoint.
+REFERENCE_PREFIX = "reference."
 
 
 def _state_tensors(policy: Policy) -> dict[str, torch.Tensor]:
@@ -61,6 +71,47 @@ class ReferencePolicy:
     def refresh(self, policy: Policy) -> None:
         """Make the current policy the new reference (R1's periodic reference reset)."""
         self._weights = _host_copy(_state_tensors(policy))
+
+    def sharded_state_dict(self, policy: Policy) -> dict[str, Any]:
+        """The reference as a megatron sharded state dict of the policy's structure, keys
+        prefixed with ``reference.`` and data held in host copies (for saving it inside
+        a training checkpoint; loading passes the same structure as the request)."""
+        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+        from r1mega.checkpointing.model_io import model_sharded_state_dict
+
+        def host_copy(item: Any) -> Any:
+            if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+                item.data = item.data.detach().to("cpu", copy=True)
+            return item
+
+        with self.swapped_into(policy):
+            state = model_sharded_state_dict(policy.chunks)
+            dict_list_map_inplace(host_copy, state)
+        add_prefix_for_sharding(state, REFERENCE_PREFIX)
+        return state
+
+    def load_state_dict(self, policy: Policy, state: dict[str, Any]) -> None:
+        """Make ``state`` (the loaded counterpart of :meth:`sharded_state_dict`) the
+        reference. The policy's modules map it onto its tensors; its own weights are
+        restored afterwards."""
+        live = _state_tensors(policy)
+        stash = _host_copy(live)
+        chunks = policy.unwrapped()
+        try:
+            with torch.no_grad():
+                if len(chunks) == 1:
+                    chunks[0].load_state_dict(state)
+                else:
+                    for i, chunk in enumerate(chunks):
+                        chunk.load_state_dict(state[f"model{i}"])
+            self._weights = _host_copy(_state_tensors(policy))
+        finally:
+            with torch.no_grad():
+                for name, t in live.items():
+                    t.copy_(stash[name], non_blocking=True)
 
     @contextlib.contextmanager
     def swapped_into(self, policy: Policy) -> Iterator[None]:

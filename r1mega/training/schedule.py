@@ -1,7 +1,8 @@
 """Forward/backward over microbatches through megatron-core's pipeline schedules.
 
 A microbatch is a dict of tensors shaped ``[micro_batch_size, seq_length]`` (``tokens``,
-``position_ids``, ``labels``, ``loss_mask`` and whatever the loss needs). Every pipeline
+``position_ids``, ``labels``, ``loss_mask`` and whatever the loss needs; under context
+parallelism each rank's ``seq_length / cp`` tokens of every sequence). Every pipeline
 stage receives the same microbatches (stages only use what they need), so callers do
 not special-case PP. The loss function returns the *sum* over tokens, the token count
 and a dict of detached per-microbatch statistics; megatron-core divides by the global
@@ -54,23 +55,33 @@ def forward_backward(policy: Policy, microbatches: list[dict[str, torch.Tensor]]
 
     Returns the per-microbatch statistics dicts on the last pipeline stage (empty
     elsewhere). Gradients are finalized (DP/TP/PP reductions, token normalisation)
-    by megatron-core's ``finalize_model_grads`` when not ``forward_only``.
+    by megatron-core's ``finalize_model_grads`` when not ``forward_only``; forward-only
+    passes run without autograd.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not microbatches:
         raise ValueError("forward_backward needs at least one microbatch")
-    micro_batch_size, seq_length = microbatches[0]["tokens"].shape
+    from megatron.core import parallel_state as ps
+
+    micro_batch_size, local_length = microbatches[0]["tokens"].shape
+    # Under context parallelism microbatches hold this rank's share of each sequence;
+    # megatron sizes pipeline buffers from the full length (and divides by CP itself).
+    seq_length = local_length * ps.get_context_parallel_world_size()
     forward_backward_func = get_forward_backward_func()
-    return forward_backward_func(
-        forward_step_func=partial(_forward_step, loss_fn, model_forward),
-        data_iterator=iter(microbatches),
-        model=policy.chunks,
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    # megatron-core keeps autograd on in forward-only mode; without it a forward-only pass
+    # keeps no activations and counts no tokens into MoE routers' expert-bias statistics
+    # (those must only see the batches the updates train on).
+    with torch.set_grad_enabled(not forward_only):
+        return forward_backward_func(
+            forward_step_func=partial(_forward_step, loss_fn, model_forward),
+            data_iterator=iter(microbatches),
+            model=policy.chunks,
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
 
 
 def lm_loss(batch: dict[str, torch.Tensor], output: torch.Tensor
