@@ -10,10 +10,12 @@
 # Preemption: USR1 before the time limit (or `scancel --signal=USR1`) makes the ranks
 # finish the step in flight, checkpoint and exit 75; slurm/launch.sh then requeues the
 # job, which resumes from that checkpoint. The lead time must cover the rest of a step
-# plus the checkpoint write: `r1mega plan` puts a worst-case step (32K-token rollouts) at
-# ~16 min and the checkpoint at ~8.7 TiB, so 300 s would lose the step and everything
-# since the last periodic checkpoint (save_interval 100). 1800 s covers both; lower it
-# to measured step + save times (`sbatch --signal=USR1@N` on the command line overrides).
+# plus the checkpoint write (~8.7 TiB). A step is R1's rollout of 8,192 outputs and its
+# 16 updates: `r1mega plan` bounds it at ~4.3 h with 32K-token responses and ~10 h in the
+# 65K phase (every response at the budget; typical steps are shorter), so a signal that
+# comes later than that before the limit loses the step in flight and falls back to the
+# last checkpoint (save_interval 5). Set --time and USR1@N from measured step + save
+# times (`sbatch --time=... --signal=USR1@N` on the command line overrides these).
 #SBATCH --job-name=r1-zero-671b
 #SBATCH --nodes=64
 #SBATCH --gpus-per-node=8

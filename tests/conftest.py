@@ -51,3 +51,13 @@ def sandbox_tools() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if proc.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def recipe_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Tokenizer and dataset overrides for the shipped GPU recipes scaled down
+    (tests/recipes.py): a tiny byte-level BPE tokenizer and a JSONL prompt set."""
+    from tests.recipes import write_inputs
+
+    tokenizer, data = write_inputs(tmp_path_factory.mktemp("recipe_inputs"))
+    return [f"tokenizer.path={tokenizer}", f"data.train_path={data}"]

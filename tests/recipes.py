@@ -2,16 +2,18 @@
 
 A recipe (``configs/r1_zero_671b.yaml``, ``configs/qwen2_5_7b.yaml``) is loaded as it is
 and only its *sizes* are overridden: layers, widths, heads, experts, vocabulary, lengths,
-batch, run length and the layouts' sizes (:data:`SIZE_KEYS`), plus the inputs the recipe
-leaves to the user (tokenizer, dataset, checkpoint directory: :data:`INPUT_KEYS`). Every
-algorithmic choice stays: R1's clip 10, ``seq-mean-token-mean``, k3, 16 minibatches, the
-reference reset, the length schedule, MTP, expert-bias routing, sequence parallelism, the
-distributed optimizer, full recompute, checkpointing.
+batch (the number of minibatches a rollout is split into is one of them: it sets the rows
+per update; several stay several), run length and the layouts' sizes (:data:`SIZE_KEYS`),
+plus the inputs the recipe leaves to the user (tokenizer, dataset, checkpoint directory:
+:data:`INPUT_KEYS`). Every algorithmic choice stays: R1's clip 10,
+``seq-mean-token-mean``, k3, minibatches, the reference reset, the length schedule, MTP,
+expert-bias routing, sequence parallelism, the distributed optimizer, full recompute,
+checkpointing.
 
 The one exception is precision (:data:`PRECISION_EXCEPTION`): FP8 GEMMs and bf16 Adam
 moments need Transformer Engine on a GPU (FP8 tensor cores; TE's FusedAdam inside
 megatron's precision-aware optimizer), which CPU CI cannot install. They are overridden to
-``fp8=null`` and float32 moments, and :func:`overridden_keys` asserts that nothing else
+``fp8=null`` and float32 moments, and :func:`check_scaling` asserts that nothing else
 outside the sizes changed.
 """
 
@@ -32,7 +34,8 @@ SIZE_KEYS = frozenset({
     "model.vocab_size",
     "train.steps", "train.seq_length",
     "rollout.prompts_per_step", "rollout.max_new_tokens", "rollout.length_schedule",
-    "rollout.max_batch_size", "grpo.group_size", "grpo.reference_reset_interval",
+    "rollout.max_batch_size", "grpo.group_size", "grpo.minibatches",
+    "grpo.reference_reset_interval",
     "checkpoint.save_interval",
     "train_layout.tp", "train_layout.pp", "train_layout.pp_layers", "train_layout.ep",
     "generation_layout.tp", "generation_layout.ep", "launch.nproc_per_node",
@@ -58,8 +61,10 @@ R1_ZERO_671B_SCALED = [
     "train_layout.tp=2", "train_layout.pp=2", "train_layout.pp_layers=[2,1]",
     "train_layout.ep=2", "generation_layout.tp=2", "generation_layout.ep=4",
     "launch.nproc_per_node=4",
-    # 16 questions x 2 outputs: the recipe's 16 minibatches are one group each.
-    "rollout.prompts_per_step=16", "grpo.group_size=2", "rollout.max_batch_size=32",
+    # 8 questions x 2 outputs per rollout in 4 minibatches of 2 groups (the recipe: 512 x
+    # 16 in 16 minibatches of 32 groups): several updates per rollout, on whole groups.
+    "rollout.prompts_per_step=8", "grpo.group_size=2", "grpo.minibatches=4",
+    "rollout.max_batch_size=16",
     # Lengths: 8 new tokens, 16 from step 3 on (the recipe: 32,768, then 65,536), after
     # a prompt budget of 24 (the template is ~6 tokens of the test's tokenizer).
     "train.seq_length=32", "rollout.max_new_tokens=8",
@@ -73,8 +78,8 @@ QWEN2_5_7B_SCALED = [
     # Qwen2 shape, tiny: GQA (8 query heads, 4 key/value heads), q/k/v biases.
     "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "model.num_attention_heads=8", "model.num_query_groups=4", "model.vocab_size=640",
-    # 4 ranks: TP 4 as in the recipe (DP 1 here), for training and generation.
-    "train_layout.tp=4", "generation_layout.tp=4", "launch.nproc_per_node=4",
+    # 2 ranks: TP 2 (the recipe: 4) for training and generation.
+    "train_layout.tp=2", "generation_layout.tp=2", "launch.nproc_per_node=2",
     "rollout.prompts_per_step=4", "grpo.group_size=2",
     "train.seq_length=32", "rollout.max_new_tokens=8", "checkpoint.save_interval=1",
 ]
@@ -85,7 +90,10 @@ def overridden_keys(overrides: list[str]) -> set[str]:
 
 
 def check_scaling(overrides: list[str]) -> None:
-    """Only sizes, inputs and the stated precision exception may be overridden."""
+    """Only sizes, inputs and the stated precision exception may be overridden; several
+    minibatches per rollout stay several."""
+    minibatches = [o for o in overrides if o.startswith("grpo.minibatches=")]
+    assert all(int(o.split("=")[1]) > 1 for o in minibatches), minibatches
     others = overridden_keys(overrides) - SIZE_KEYS - INPUT_KEYS
     exception = overridden_keys(list(PRECISION_EXCEPTION))
     assert others <= exception, f"not a size: {sorted(others - exception)}"

@@ -15,7 +15,9 @@ at TP=1 PP=2 and the tiny dense Qwen2 at TP=2, measured 2026-12-01:
   third less computed tokens (80 vs 120, 120 vs 180); also at DP=2: DeepSeek-V3 with
   EP=2 (9.7e-7) and Qwen2 with one rank running an empty packed sequence (4.8e-7);
 * a 4-row memorization set: loss 5.57 -> 0.19 (DeepSeek-V3) and 5.56 -> 0.22 (Qwen2) in
-  30 steps of megatron's distributed Adam at lr 3e-3.
+  30 steps of megatron's distributed Adam at lr 3e-3;
+* context parallelism: padded rows split over CP=2 give the loss and finalized gradients
+  of DP=2 from the same weights (1e-5 relative).
 
 End to end (`r1mega sft` / `r1mega distill` as subprocesses, 2 ranks): the cold-start
 config runs, filters and counts unreadable rows, writes checkpoints and W&B metrics, and
@@ -293,6 +295,10 @@ def test_sft_loss_masking_packing_and_memorization(tmp_path: Path) -> None:
         assert packing["params_with_grad"] == packing["num_params"], (name, packing)
         assert packing["computed_tokens"][1] < packing["computed_tokens"][0]
     assert results["dense_dp2"]["packing"]["max_empty_packed"] == 1
+    for name in ("deepseek_v3_cp2", "dense_cp2"):
+        cp = results[name]
+        assert "CP=2" in cp["layout"] and cp["tokens"][0] == cp["tokens"][1] > 0, cp
+        assert cp["loss_abs_diff"] < 1e-5 and cp["grad_max_rel_diff"] < 1e-5, (name, cp)
     assert "EP=2" in results["deepseek_v3_dp2"]["layout"]
     for name in ("deepseek_v3", "dense"):
         masked = results[name]["masked_loss"]

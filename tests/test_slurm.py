@@ -1,10 +1,12 @@
 """The Slurm path on a real (throw-away, two-node) Slurm cluster.
 
 ``tests/fixtures/slurm_cluster.sh`` starts Debian's slurmctld and two slurmds (n1, n2 on
-127.0.0.1, own ports, auth/none) under a private directory; the tests submit the real
-recipe ``slurm/r1_zero_tiny.sh`` with ``sbatch``, so the launcher's MASTER_ADDR (from the
-controller's NodeAddr: n1 does not resolve) and MASTER_PORT derivation, srun's ranks on
-both nodes, and preemption -> checkpoint -> requeue -> resume are exercised for real.
+127.0.0.1, own ports, auth/none) under a private directory; the tests submit real recipes
+with ``sbatch``: the DeepSeek-R1-Zero 671B recipe ``slurm/r1_zero_671b.sh`` scaled down in
+sizes only (tests/recipes.py; 2 nodes x 2 tasks), and ``slurm/r1_zero_tiny.sh`` for
+preemption. So the launcher's MASTER_ADDR (from the controller's NodeAddr: n1 does not
+resolve) and MASTER_PORT derivation, srun's ranks on both nodes, and preemption ->
+checkpoint -> requeue -> resume are exercised for real.
 
 The Slurm packages are installed with apt when missing (CI machines start bare); the
 tests are skipped only where there is no apt-get to install them with.
@@ -26,9 +28,15 @@ import pytest
 from r1mega.checkpointing.train_state import find_latest_checkpoint
 from r1mega.launch import free_port
 from tests.distributed import ROOT
+from tests.recipes import R1_ZERO_671B_SCALED, check_scaling
 
 FIXTURE = ROOT / "tests" / "fixtures" / "slurm_cluster.sh"
 RECIPE = "slurm/r1_zero_tiny.sh"
+RECIPE_671B = "slurm/r1_zero_671b.sh"
+# The 671B recipe's #SBATCH lines ask for 64 nodes x 8 GPUs x 8 tasks: the test cluster
+# has 2 CPU nodes of 2 CPUs (sizes only, like the config overrides).
+SCALED_ALLOCATION = ["-N", "2", "--ntasks-per-node=2", "--gpus-per-node=0",
+                     "--time=00:30:00"]
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 FAST = ["rollout.max_new_tokens=8", "checkpoint.load=null"]  # random weights: fast
@@ -99,22 +107,28 @@ def _step_lines(text: str) -> list[str]:
     return [line.split(" | ")[0] for line in text.splitlines() if line.startswith("step ")]
 
 
-def test_two_node_job_rendezvous_and_trains(cluster: Cluster, tmp_path: Path) -> None:
-    """sbatch the tiny recipe on 2 nodes x 1 task: both ranks start (one per node), meet
-    at the launcher's MASTER_ADDR:MASTER_PORT and run GRPO steps."""
+def test_scaled_671b_recipe_on_two_nodes(cluster: Cluster, recipe_inputs: list[str],
+                                         tmp_path: Path) -> None:
+    """sbatch the DeepSeek-R1-Zero 671B recipe, scaled down in sizes only, on 2 nodes x 2
+    tasks: the ranks start on both nodes, meet at the launcher's MASTER_ADDR:MASTER_PORT
+    and run an RL step of the recipe (TP 2 x PP 2 x EP 2, 4 minibatches, MTP...)."""
+    overrides = [*R1_ZERO_671B_SCALED, *recipe_inputs,
+                 f"checkpoint.save_dir={tmp_path / 'ckpt'}"]
+    check_scaling(overrides)
     out = cluster.run(
-        "sbatch", "--wait", "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", RECIPE,
-        "train.steps=2", *FAST, f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-        timeout=300, R1MEGA_REQUEUE_MARKER=str(tmp_path / "requeue"))
+        "sbatch", "--wait", "--parsable", *SCALED_ALLOCATION, f"--output={tmp_path}/%x-%j.out",
+        RECIPE_671B, "train.steps=1", *overrides,
+        timeout=600, R1MEGA_REQUEUE_MARKER=str(tmp_path / "requeue"))
     job_id = out.stdout.strip().split(";")[0]
-    log = tmp_path / f"r1-zero-tiny-{job_id}.out"
+    log = tmp_path / f"r1-zero-671b-{job_id}.out"
     assert out.returncode == 0, f"{out.stderr}\n{cluster.diagnostics(log)}"
     text = log.read_text()
-    assert "rank 0/2 on node n1" in text and "rank 1/2 on node n2" in text, text
+    assert "rank 0/4 on node n1" in text and "rank 3/4 on node n2" in text, text
     # n1 does not resolve: the launcher took its NodeAddr; the port is 20000 + id % 20000.
     assert f"rendezvous 127.0.0.1:{20000 + int(job_id) % 20000}" in text, text
-    assert "2 process(es) via slurm; train layout TP=1 PP=2" in text, text
-    assert _step_lines(text) == ["step 1/2", "step 2/2"], text
+    assert "4 process(es) via slurm; train layout TP=2 PP=2 CP=1 EP=2" in text, text
+    assert _step_lines(text) == ["step 1/1"], text
+    assert find_latest_checkpoint(tmp_path / "ckpt") is not None
     assert not (tmp_path / "requeue").exists()
 
 

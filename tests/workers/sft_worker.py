@@ -7,7 +7,7 @@ In one torchrun job, two layouts in turn:
 2. the tiny dense Qwen2 at TP=2, the student layout of ``configs/distill_tiny_cpu.yaml``;
 
 and the packing check alone at DP=2 (DeepSeek-V3 with EP=2; Qwen2 with one rank padded
-by an empty packed sequence).
+by an empty packed sequence), and context parallelism (CP=2 against DP=2, padded rows).
 
 For each, **packing** first: one global batch as padded microbatches and as THD-packed
 sequences, from the same weights and buffers; the losses, token counts and every
@@ -203,6 +203,45 @@ def check_packing(policy: Policy, rows: list[SFTExample]) -> dict[str, Any]:
             "computed_tokens": [padded.computed_tokens, packed.computed_tokens]}
 
 
+def check_context_parallel(name: str, rows: list[SFTExample], workdir: Path
+                           ) -> dict[str, Any]:
+    """The padded SFT loss and finalized gradients at CP=2 (every row split over the two
+    ranks, attention gathering keys and values) against DP=2 from the same weights; one
+    row per microbatch in both, so MTP's per-microbatch normalisation groups alike."""
+    from megatron.core import parallel_state as ps
+
+    from parallel.layout import Layout, initialize_layout
+    from parallel.platform import manual_seed
+    from r1mega.checkpointing.model_io import load_model, save_model
+
+    out: dict[str, Any] = {}
+    for cp in (1, 2):
+        _, model_cfg, layout_cfg, _ = setup_layout(name, 1, 1, 1)
+        layout_cfg.cp = cp
+        layout = Layout.from_config(layout_cfg, dist.get_world_size())
+        initialize_layout(layout)
+        manual_seed(1234)
+        policy = build_policy(model_cfg, layout_cfg, use_distributed_optimizer=False)
+        weights = str(workdir / f"cp_weights_{name}")
+        if cp == 1:
+            save_model(policy.chunks, weights)
+        else:
+            load_model(policy.chunks, weights)
+        dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        batch = padded_step_batch(rows, *dp, micro_batch_size=1, pad_id=PAD, pad_multiple=4)
+        policy.zero_grad()
+        loss, tokens = sft_loss(policy, batch.microbatches)
+        grads = {n: p.main_grad.detach().clone()
+                 for n, p in policy.chunks[0].module.named_parameters()}
+        out[cp] = (loss, tokens, grads, layout.describe())
+    (loss_a, tokens_a, grads_a, _), (loss_b, tokens_b, grads_b, described) = out[1], out[2]
+    grad_rel = max((grads_b[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+                   for n, g in grads_a.items())
+    loss_diff, grad_rel = _max_over_ranks([abs(loss_a - loss_b), grad_rel])
+    return {"layout": described, "loss": [loss_a, loss_b], "tokens": [tokens_a, tokens_b],
+            "loss_abs_diff": loss_diff, "grad_max_rel_diff": grad_rel}
+
+
 def memorize(policy: Policy, rows: list[SFTExample]) -> list[float]:
     train_cfg = OmegaConf.structured(TrainConfig(lr=3e-3, min_lr=3e-3, steps=MEMO_STEPS,
                                                  adam_beta2=0.99, grad_clip=1.0))
@@ -236,6 +275,10 @@ def main(workdir: str) -> None:
         policy = build_policy(model_cfg, layout_cfg, use_distributed_optimizer=True)
         results[f"{name}_dp2"] = {"layout": layout.describe(),
                                   "packing": check_packing(policy, random_rows(rows, 3))}
+    # Context parallelism: CP=2 against DP=2.
+    for name, rows in (("deepseek_v3", MTP_ROWS), ("dense", DENSE_ROWS)):
+        results[f"{name}_cp2"] = check_context_parallel(name, random_rows(rows, 4),
+                                                        Path(workdir))
     if dist.get_rank() == 0:
         (Path(workdir) / "result.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
