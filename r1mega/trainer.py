@@ -199,7 +199,7 @@ def _train_one_step(cfg: Any, step: int, layout: Layout, policy: Any, reference:
                         pack=cfg.train.pack_sequences,
                         logprob_outlier_threshold=cfg.rollout.logprob_outlier_threshold).metrics
     check_logprob_parity(metrics, cfg.rollout.logprob_check)  # rollout vs trainer
-    metrics["max_new_tokens"] = float(budget.max_new_tokens)
+    metrics["rollout/max_new_tokens"] = float(budget.max_new_tokens)
     t3 = time.perf_counter()
     lengths = [len(s.response_ids) for s in samples]
     new_tokens = sum(lengths)
