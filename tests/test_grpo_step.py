@@ -52,15 +52,20 @@ REL = 1e-5
 EPS32 = torch.finfo(torch.float32).eps
 HF_NAMES = {"dense": "qwen2", "deepseek_v3": "deepseek_v3"}
 
-ALL = tuple(VARIANTS)
-CP_VARIANTS = ("token_mean", "r1", "gspo", "kl_in_reward")
 # (model, (tp, pp, ep, cp), world size, variants); sequence parallelism on for MoE + TP.
+# Every variant runs at one multi-rank layout at least; the sequence-level ones (and the
+# KL in the reward) also under context parallelism, where sequences are split.
 RUNS = [
-    ("dense", (2, 1, 1, 1), 4, ALL),  # TP x DP 2: "tis" has a group on both DP ranks
-    ("dense", (1, 2, 1, 2), 4, CP_VARIANTS),  # PP x CP
-    ("deepseek_v3", (2, 1, 2, 1), 2, tuple(v for v in ALL if v != "packed")),  # TP+SP x EP
-    ("deepseek_v3", (1, 2, 2, 2), 4, CP_VARIANTS),  # PP x EP x CP
+    # TP x DP 2: "tis" has a group on both DP ranks.
+    ("dense", (2, 1, 1, 1), 4, ("token_mean", "dr_grpo", "tis", "temperature",
+                                "kl_in_reward", "packed")),
+    ("dense", (1, 2, 1, 2), 4, ("token_mean", "r1", "gspo", "kl_in_reward")),  # PP x CP
+    # TP + SP x EP: the schedule variants, with expert-bias routing.
+    ("deepseek_v3", (2, 1, 2, 1), 2, ("token_mean", "r1", "gspo", "minibatch_epochs",
+                                      "drop_uniform")),
+    ("deepseek_v3", (1, 2, 2, 2), 4, ("token_mean", "r1", "gspo")),  # PP x EP x CP
 ]
+assert {v for *_, variants in RUNS for v in variants} == set(VARIANTS)
 SINGLE = ("token_mean", "r1")  # also run in one process, for the equivalence check
 
 
