@@ -38,6 +38,7 @@ CONFIG_TESTS = {
     "distill_tiny_cpu.yaml": "tests/test_sft.py",
     "sample_tiny_cpu.yaml": "tests/test_rejection.py",
     "r1_stage2_tiny_cpu.yaml": "tests/test_stage2.py",
+    "hf_tiny_cpu.yaml": "tests/test_hf_user_path.py",
 }
 
 
