@@ -595,7 +595,6 @@ class SDPACoreAttention(torch.nn.Module):
         # [b, h, s, dv] -> [s, b, h * dv]
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
-
     def _context_parallel_forward(self, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor) -> torch.Tensor:
         """Causal attention of this CP rank's queries against the whole sequence.

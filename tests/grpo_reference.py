@@ -243,6 +243,9 @@ class ReferenceResult:
     skipped: list[bool]
     state: dict[str, torch.Tensor]  # final weights (as saved: HF file names, float64)
     kl_ref: list[float]  # per step: token mean of the KL to the reference over its updates
+    # per step, with the sampler's log-probs: token mean of |log p - sampler log p| before
+    # the first update (the rollout-vs-trainer parity metric)
+    parity: list[float] = field(default_factory=list)
 
 
 def reference_run(hf_model: Any, variant: Variant, bias_update_rate: float = 1e-3
@@ -273,6 +276,9 @@ def reference_run(hf_model: Any, variant: Variant, bias_update_rate: float = 1e-
         keep = ~_uniform_rows(rewards) if g.get("drop_uniform_groups") else \
             torch.ones(len(rewards), dtype=torch.bool)
         mask = mask * keep[:, None]
+        if sampler is not None:
+            valid = mask > 0
+            out.parity.append(float((old - sampler.to(torch.float64)).abs()[valid].mean()))
         if g.get("kl_in_reward") and ref is not None:
             kl = torch.where(mask > 0, _kl(old, ref, g["kl_estimator"]), torch.zeros_like(old))
             rewards = rewards - g["kl_coef"] * kl.sum(1)

@@ -109,6 +109,7 @@ def test_decode_roofline_bench(tmp_path: Path) -> None:
             assert r["reshard_seconds"] >= 0
 
 
+@cpu_only
 def test_rollout_gpu_check_skips_without_a_gpu(tmp_path: Path) -> None:
     """bench/gpu_check_rollout.py is ready for a GPU and exits cleanly without one."""
     out = tmp_path / "gpu_check.json"

@@ -14,6 +14,7 @@ CPU_ONLY_TESTS = [
     "tests/test_precision.py::test_this_cpu_machine_refuses_fp8_with_the_clear_error",
     "tests/test_bench_gpu_scripts.py::test_training_bench",
     "tests/test_bench_gpu_scripts.py::test_decode_roofline_bench",
+    "tests/test_bench_gpu_scripts.py::test_rollout_gpu_check_skips_without_a_gpu",
 ]
 
 

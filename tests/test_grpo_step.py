@@ -59,7 +59,8 @@ RUNS = [
     # TP x DP 2: "tis" has a group on both DP ranks.
     ("dense", (2, 1, 1, 1), 4, ("token_mean", "dr_grpo", "tis", "temperature",
                                 "kl_in_reward", "packed")),
-    ("dense", (1, 2, 1, 2), 4, ("token_mean", "r1", "gspo", "kl_in_reward")),  # PP x CP
+    # PP x CP ("tis": the sampler's log-probs, and their parity metric, split over CP)
+    ("dense", (1, 2, 1, 2), 4, ("token_mean", "r1", "gspo", "kl_in_reward", "tis")),
     # TP + SP x EP: the schedule variants, with expert-bias routing.
     ("deepseek_v3", (2, 1, 2, 1), 2, ("token_mean", "r1", "gspo", "minibatch_epochs",
                                       "drop_uniform")),
@@ -183,6 +184,10 @@ def compare_with_reference(variant: Variant, result: dict[str, Any], ref: Refere
         err = float((logp - ref_logp).abs().max())
         if err > bound:
             problems.append(f"step {i + 1}: log-probs differ by {err:.2e} > {bound:.2e}")
+        if ref.parity:  # rollout-vs-trainer gap: each token's log-prob within the bound
+            gap, want = step["metrics"]["rollout/logprob_diff_mean"], ref.parity[i]
+            if abs(gap - want) > bound:
+                problems.append(f"step {i + 1}: rollout parity {gap:.10g} != {want:.10g}")
         if ref.kl_ref:
             kl, want = step["metrics"]["kl_ref"], ref.kl_ref[i]
             single_update = variant.updates == variant.steps

@@ -79,7 +79,7 @@ def test_minibatches_must_split_over_dp_and_microbatches() -> None:
            "size 8" in msg
 
 
-def test_context_parallel_refuses_packed_rollouts_and_checks_every_phase() -> None:
+def test_context_parallel_refuses_packed_rollouts_and_routing_replay_and_checks_every_phase() -> None:
     msg = _error("train_layout.cp=2", "train_layout.pp=1", "train.seq_length=480",
                  "rollout.length_schedule=[{from_step: 3, max_new_tokens: 50}]")
     assert "train.pack_sequences=true with train_layout.cp=2" in msg
@@ -87,6 +87,9 @@ def test_context_parallel_refuses_packed_rollouts_and_checks_every_phase() -> No
            "not divisible by 2*train_layout.cp=4" in msg
     load_config(TINY, ["train_layout.cp=2", "train_layout.pp=1", "train.pack_sequences=false"],
                 world_size=2)
+    # Routing replay composes with minibatches (tests/test_rollout_engine.py), not with CP.
+    msg = _error("train_layout.cp=2", "train_layout.pp=1", "rollout.routing_replay=true")
+    assert "rollout.routing_replay=true with train_layout.cp=2" in msg
 
 
 # ------------------------------------------------------------------------- LR schedule
@@ -162,11 +165,14 @@ def test_planner_plans_the_largest_phase() -> None:
     g = plan.generation
     assert plan.tokens_per_microbatch == 66560
     assert g.sequences_per_replica == 8 and g.decode_rounds == 8192 // 64 // 8
-    assert g.kv_cache == 8 * 66560 * kv_bytes_per_token_layer(cfg.model, 8) * 61
+    # The engine's paged buffer (r1mega.rollout.kv_footprint): the 8 sequences decoded at
+    # once at full length in 64-token MLA blocks, plus megatron's dummy block.
+    per_block = 64 * kv_bytes_per_token_layer(cfg.model, 8) * 61
+    assert g.kv_cache == (8 * 66560 // 64 + 1) * per_block
     assert plan.updates_per_step == 16 and plan.fits, plan.problems
     first = make_plan(load_config(BIG, ["rollout.length_schedule=[]"], world_size=512),
                       512, 8, 80)
-    assert first.generation.kv_cache == g.kv_cache / 66560 * 33792
+    assert first.generation.kv_cache == (8 * 33792 // 64 + 1) * per_block
 
 
 # -------------------------------------------------------------------- R1's recipe values

@@ -214,3 +214,6 @@ def test_routing_replay_makes_trainer_and_rollout_agree(runs) -> None:
     assert result["step_with_replay"]["rollout/logprob_diff_outlier_frac"] == 0
     assert result["step_without_replay"]["rollout/logprob_diff_max"] > 1e-3
     assert result["step_without_replay"]["rollout/logprob_diff_outlier_frac"] > 0
+    # Two minibatches (two updates): each replays its own rows' routing.
+    assert result["minibatches_with_replay"]["updates"] == 2
+    assert result["minibatches_with_replay"]["rollout/logprob_diff_max"] < 1e-5

@@ -475,6 +475,11 @@ def _check_rl_schedule(errors: list[str], cfg: Any, train_dp: int | None) -> Non
             f"train.pack_sequences=true with train_layout.cp={cp}: packed (THD) rollouts are "
             "not split over context-parallel ranks; set train.pack_sequences=false (padded "
             "rows are split into load-balanced chunks) or train_layout.cp=1")
+    if cp is not None and cp > 1 and rollout.routing_replay:
+        errors.append(
+            f"rollout.routing_replay=true with train_layout.cp={cp}: the replayed experts are "
+            "recorded per whole sequence and not split over context-parallel ranks; set "
+            "rollout.routing_replay=false or train_layout.cp=1")
 
 
 def _check_misc(errors: list[str], cfg: Any) -> None:

@@ -113,6 +113,25 @@ class EngineStats:
         }
 
 
+def _drop_inference_scratch() -> None:
+    """Forget megatron's shared scratch buffers that generation allocated.
+
+    megatron's global memory buffer (the all-gather scratch of sequence parallelism, ...)
+    is one per process, shared by the generation and the training model. A buffer first
+    allocated while megatron's engine runs under ``torch.inference_mode`` is an inference
+    tensor, which the training forward's in-place all-gather may not write ("Inplace
+    update to inference tensor outside InferenceMode"); dropping them lets training
+    allocate its own (a training-allocated buffer serves generation as it is)."""
+    from megatron.core import parallel_state as ps
+
+    try:
+        scratch = ps.get_global_memory_buffer().buffer
+    except AssertionError:  # megatron's parallel state is not initialised
+        return
+    for key in [k for k, t in scratch.items() if t.is_inference()]:
+        del scratch[key]
+
+
 def kv_bytes_per_token(config: Any, tp_size: int) -> int:
     """KV-cache bytes one token occupies across all layers on one rank for a megatron
     ``TransformerConfig`` (:mod:`r1mega.rollout.kv_footprint` has the rule, which the
@@ -305,6 +324,7 @@ class RolloutEngine:
         """Free the KV buffer (training runs next); :meth:`generate` resumes it."""
         if self._engine is not None:
             self._engine.suspend()
+        _drop_inference_scratch()
 
     def release(self) -> None:
         """Drop the context and its buffers entirely (a rebuild follows)."""

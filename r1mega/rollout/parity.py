@@ -50,7 +50,8 @@ def logprob_parity(microbatches: list[dict[str, Any]], threshold: float) -> dict
                                                              dtype=torch.float64),
                                      (gap > threshold).sum().double()]).cpu()
                 worst = torch.maximum(worst, gap.max().cpu()[None])
-        dp = ps.get_data_parallel_group()
+        # Under context parallelism each rank holds part of every sequence's tokens.
+        dp = ps.get_data_parallel_group(with_context_parallel=True)
         dist.all_reduce(sums, group=dp)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=dp)
     pp_group = ps.get_pipeline_model_parallel_group()

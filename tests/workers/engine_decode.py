@@ -22,7 +22,8 @@ megatron's dynamic inference engine) and records, into ``<out>/<name>.json`` (ra
 blocks: the engine against a full recompute, and the same with the reset switched off);
 ``routing`` (routing replay: the generation model's expert bias is perturbed after each
 refit so its routing differs from the trainer's; training-layout log-probabilities with
-and without replaying the recorded experts, and a GRPO step's parity metrics).
+and without replaying the recorded experts, and GRPO steps' parity metrics, one of them
+with two minibatches).
 """
 
 from __future__ import annotations
@@ -192,8 +193,18 @@ def routing_check(case: dict, world_size: int) -> dict:
         # fp32 rounding stays below 1e-5: a gap over 1e-3 is a routing flip.
         metrics = grpo_step(policy, None, optimizer, scheduler, batch, cfg.grpo, cfg.train,
                             dp_size=layout.dp, temperature=1.0, pack=True,
-                            logprob_outlier_threshold=1e-3)
+                            logprob_outlier_threshold=1e-3).metrics
         result[label] = {k: v for k, v in metrics.items() if k.startswith("rollout/")}
+    # Several updates per rollout: each minibatch (two groups of two here) replays its own
+    # rows' routing, in the old-log-prob pass and in its update.
+    grpo_cfg = OmegaConf.merge(cfg.grpo, {"group_size": 2, "minibatches": 2})
+    batch, _ = build_rollout_batch(samples[:4], [0.0, 1.0, 2.0, 0.0], cfg.train.seq_length,
+                                   pad_id=0)
+    metrics = grpo_step(policy, None, optimizer, scheduler, batch, grpo_cfg, cfg.train,
+                        dp_size=layout.dp, temperature=1.0, pack=True,
+                        logprob_outlier_threshold=1e-3).metrics
+    result["minibatches_with_replay"] = {k: v for k, v in metrics.items()
+                                         if k.startswith("rollout/") or k == "updates"}
     return result
 
 
