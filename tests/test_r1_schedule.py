@@ -79,7 +79,7 @@ def test_minibatches_must_split_over_dp_and_microbatches() -> None:
            "size 8" in msg
 
 
-def test_context_parallel_refuses_packed_rollouts_and_routing_replay_and_checks_every_phase() -> None:
+def test_context_parallel_refuses_packed_rollouts_routing_replay_checks_all_phases() -> None:
     msg = _error("train_layout.cp=2", "train_layout.pp=1", "train.seq_length=480",
                  "rollout.length_schedule=[{from_step: 3, max_new_tokens: 50}]")
     assert "train.pack_sequences=true with train_layout.cp=2" in msg
