@@ -207,7 +207,13 @@ def check_context_parallel(name: str, rows: list[SFTExample], workdir: Path
                            ) -> dict[str, Any]:
     """The padded SFT loss and finalized gradients at CP=2 (every row split over the two
     ranks, attention gathering keys and values) against DP=2 from the same weights; one
-    row per microbatch in both, so MTP's per-microbatch normalisation groups alike."""
+    row per microbatch in both.
+
+    The MTP head runs (its rolls cross CP ranks) but adds no loss: megatron-core 0.19.2
+    normalises the MTP loss by each CP rank's own token counts (``process_mtp_loss``:
+    ``original_num_tokens / num_tokens`` of the local half), so under CP its weighting
+    differs from the whole sequence's by design, by up to a few per cent on these short
+    rows."""
     from megatron.core import parallel_state as ps
 
     from parallel.layout import Layout, initialize_layout
@@ -218,6 +224,8 @@ def check_context_parallel(name: str, rows: list[SFTExample], workdir: Path
     for cp in (1, 2):
         _, model_cfg, layout_cfg, _ = setup_layout(name, 1, 1, 1)
         layout_cfg.cp = cp
+        if model_cfg.mtp_num_layers:
+            model_cfg.mtp_loss_scaling_factor = 0.0
         layout = Layout.from_config(layout_cfg, dist.get_world_size())
         initialize_layout(layout)
         manual_seed(1234)
