@@ -62,8 +62,10 @@ def _accuracy_reward() -> Any:
 
 def _evaluate_rows(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[PromptExample],
                    group: int, params: SamplingParams, layout: Layout, reward_fn: Any,
-                   batch_size: int) -> tuple[list[float], list[int]]:
-    """Correctness (0/1) and response length of ``group`` samples for every example."""
+                   batch_size: int, responses: list[str] | None = None
+                   ) -> tuple[list[float], list[int]]:
+    """Correctness (0/1) and response length of ``group`` samples for every example;
+    with ``responses``, the decoded responses are appended to it in the same order."""
     correct: list[float] = []
     lengths: list[int] = []
     # Whole batches of prompts whose rows split over DP; the tail is padded by repeating
@@ -81,6 +83,8 @@ def _evaluate_rows(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[Pr
         keep = real * group
         correct.extend(per_reward.get("accuracy", [0.0] * len(samples))[:keep])
         lengths.extend(len(s.response_ids) for s in samples[:keep])
+        if responses is not None:
+            responses.extend(tokenizer.decode(s.response_ids) for s in samples[:keep])
     return correct, lengths
 
 

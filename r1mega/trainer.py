@@ -112,6 +112,7 @@ def run_training(cfg: Any) -> list[StepRecord]:
     reward_fn = _build_reward_fn(cfg)
     reward_model = _build_reward_model(cfg, tokenizer)
     monitor = WandbMonitor(cfg)
+    held_out = _held_out_evaluation(cfg, layout, tokenizer)
     history: list[StepRecord] = []
 
     def checkpoint(step: int) -> None:
@@ -120,16 +121,22 @@ def run_training(cfg: Any) -> list[StepRecord]:
                         keep_last=cfg.checkpoint.keep_last, config=cfg, reference=reference)
 
     try:
+        if held_out is not None and start_step == 1:  # a resumed run evaluated step 0
+            _evaluate_held_out(cfg, 0, held_out, rollout, monitor)
         for step in range(start_step, cfg.train.steps + 1):
             history.append(_train_one_step(cfg, step, layout, policy, reference, optimizer,
                                            scheduler, sampler, rollout, tokenizer, reward_fn,
                                            reward_model, monitor))
             _maybe_reset_reference(cfg, step, policy, reference)
+            if held_out is not None and held_out.due(step):  # before the step's checkpoint
+                _evaluate_held_out(cfg, step, held_out, rollout, monitor)
             finish_step(step, cfg.train.steps, cfg.checkpoint, checkpoint, preemption,
                         monitor, before_preemption_check=_maybe_inject_fault)
     finally:
         if reward_fn is not None:
             reward_fn.close()
+        if held_out is not None:
+            held_out.close()
         monitor.finish()
     dist.barrier()
     return history
@@ -153,6 +160,33 @@ def _maybe_reset_reference(cfg: Any, step: int, policy: Any,
         print_rank0(f"[r1mega] step {step}: the reference policy is now the current policy "
                     f"(grpo.reference_reset_interval={interval})")
 # ----------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------- held-out evaluation (eval.*)
+
+
+def _held_out_evaluation(cfg: Any, layout: Layout, tokenizer: Any) -> Any:
+    """The in-training held-out evaluation when ``eval.interval`` asks for one."""
+    if not cfg.eval.interval:
+        return None
+    from r1mega.held_out_eval import HeldOutEvaluation
+
+    return HeldOutEvaluation(cfg, layout, tokenizer)
+
+
+def _evaluate_held_out(cfg: Any, step: int, held_out: Any, rollout: Sampler,
+                       monitor: WandbMonitor) -> None:
+    """Evaluate the policy after ``step`` (0: the initial policy); log and print it.
+    Runs after the step's own logging, so it never mixes into the step's rollout
+    metrics, and before its checkpoint, so a resumed run has every point it needs."""
+    from r1mega.held_out_eval import eval_line
+
+    result = held_out.run(rollout)
+    monitor.log_eval(step, result.metrics, result.samples)
+    print_rank0(eval_line(step, cfg.train.steps, result, cfg))
+
+
+# ------------------------------------------------------- end of held-out evaluation
 
 
 def _maybe_inject_fault(step: int) -> None:

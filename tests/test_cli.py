@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.distributed import ROOT
 
 
@@ -59,16 +61,47 @@ def offline_run_keys(wandb_dir: Path) -> set[str]:
     return keys
 
 
+def eval_tables(wandb_dir: Path) -> list[list[dict]]:
+    """The ``eval/samples`` tables of an offline W&B run in logging order, as row dicts
+    (W&B writes each table as JSON under ``files/media/table/``)."""
+    run = sorted((wandb_dir / "wandb").glob("offline-run-*"))[-1]
+    files = (run / "files" / "media" / "table" / "eval").glob("samples_*.table.json")
+    tables = []
+    for path in sorted(files, key=lambda p: int(p.name.split("_")[1])):
+        content = json.loads(path.read_text())
+        tables.append([dict(zip(content["columns"], r, strict=True))
+                       for r in content["data"]])
+    return tables
+
+
+def rescored_pass_at_1(table: list[dict]) -> float:
+    """pass@1 of a full eval table, re-scored here with math-verify on the last
+    ``<answer>`` block of every response (independent of the reward module): the mean
+    over problems of the fraction of samples that are correct."""
+    from math_verify import parse, verify
+
+    per_problem: dict[int, list[float]] = {}
+    for r in table:
+        blocks = re.findall(r"<answer>(.*?)</answer>", r["response"], re.S)
+        ok = bool(blocks) and bool(verify(parse(r["answer"]), parse(blocks[-1].strip())))
+        assert float(ok) == r["correct"], r
+        per_problem.setdefault(r["problem"], []).append(float(ok))
+    return sum(sum(v) / len(v) for v in per_problem.values()) / len(per_problem)
+
+
 def test_tiny_cpu_run_prints_step_lines_logs_wandb_and_evaluates(tmp_path: Path) -> None:
     """The README's run command: 2 processes, PP=2 tiny DeepSeek-V3, GRPO steps complete
     with rollouts, rewards and updates, one progress line per step; the same metrics in
     an offline W&B run; then `r1mega eval` on the checkpoint it wrote."""
     # checkpoint.load=null: random weights (the warm-started base model is
     # tests/test_rl_learns.py's subject); the pipeline is the same.
+    # Held-out evaluation at steps 0, 1 and 2 on 4 problems x k=2 (all 8 responses in
+    # its table).
     out = r1mega("train", "configs/tiny_cpu.yaml", "checkpoint.load=null", "train.steps=2",
                  "rollout.max_new_tokens=8",
                  f"checkpoint.save_dir={tmp_path / 'ck'}", f"logging.wandb_dir={tmp_path}",
-                 "logging.sample_table_interval=1")
+                 "logging.sample_table_interval=1", "eval.interval=1", "eval.k=2",
+                 "eval.limit=4", "eval.max_new_tokens=6", "eval.table_rows=8")
     assert out.returncode == 0, out.stderr[-5000:]
     assert "train layout TP=1 PP=2" in out.stdout
     lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
@@ -82,12 +115,35 @@ def test_tiny_cpu_run_prints_step_lines_logs_wandb_and_evaluates(tmp_path: Path)
         assert 5.5 < float(fields["entropy"]) < 6.3, line
         assert 1 <= float(fields["len"]) <= 8, line
     assert "UserWarning" not in out.stderr
+    evals = [line for line in out.stdout.splitlines() if line.startswith("eval step ")]
+    assert [line.split(" | ")[0] for line in evals] == [
+        "eval step 0/2", "eval step 1/2", "eval step 2/2"], out.stdout
+    for line in evals:
+        fields = dict(part.split(" ", 1) for part in line.split(" | ")[1:])
+        assert 0.0 <= float(fields["pass@1"]) <= 1.0, line
+        assert 1 <= float(fields["len"]) <= 6, line
+        assert (fields["problems"], fields["k"], fields["T"], fields["top-p"]) == (
+            "4", "2", "0.6", "0.95"), line
 
     missing = set(WANDB_METRICS) - offline_run_keys(tmp_path)
     assert not missing, missing
+    history = offline_run_history(tmp_path)
+    eval_rows = [row for row in history if "eval/pass_at_1" in row]
+    assert [int(float(row["train/step"])) for row in eval_rows] == [0, 1, 2]
+    for row, line in zip(eval_rows, evals, strict=True):
+        assert f"pass@1 {float(row['eval/pass_at_1']):.4f}" in line
+        assert float(row["eval/problems"]) == 4 and float(row["eval/k"]) == 2
+        assert 1 <= float(row["eval/response_length"]) <= 6
+        assert "eval/samples._type" in row
+    # Each evaluation's table holds all 8 responses; pass@1 re-scored from them.
+    for table, row in zip(eval_tables(tmp_path), eval_rows, strict=True):
+        assert sorted((r["problem"], r["sample"]) for r in table) == [
+            (p, s) for p in range(4) for s in range(2)]
+        assert all(1 <= r["length"] <= 6 for r in table)
+        assert rescored_pass_at_1(table) == pytest.approx(float(row["eval/pass_at_1"]), abs=1e-12)
     # Memory handover: gradients released while generating, generation weights while
     # training; the KV cache exists only during generation.
-    for row in offline_run_history(tmp_path):
+    for row in (row for row in history if "memory/train/grad_buffers_gib" in row):
         values = {k: float(v) for k, v in row.items() if k.startswith("memory/")}
         assert values["memory/generation/grad_buffers_gib"] == 0.0
         assert values["memory/train/grad_buffers_gib"] > 0.0

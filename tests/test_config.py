@@ -452,3 +452,28 @@ def test_rollout_batch_must_split_over_dp_and_microbatches() -> None:
                    world_size=2)
     assert "rollout.prompts_per_step * grpo.group_size = 3 * 2 = 6" in msg
     assert "train.micro_batch_size=4" in msg
+
+
+# ------------------------------------------------------- held-out evaluation (eval.*)
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["eval.interval=-1"], "eval.interval=-1"),
+    (["eval.k=0"], "eval.k=0"),
+    (["eval.top_p=0"], "eval.top_p=0"),
+    (["eval.temperature=-0.5"], "eval.temperature=-0.5"),
+    (["eval.max_new_tokens=0"], "eval.max_new_tokens=0"),
+    (["eval.limit=0"], "eval.limit=0"),
+    (["eval.table_rows=-1"], "eval.table_rows=-1"),
+    (["eval.path=builtin:nope"], "eval.path='builtin:nope': unknown built-in task"),
+    (["eval.interval=5", "data.eval_path=null"], "eval.interval=5 but there is nothing"),
+])
+def test_bad_eval_keys_are_named(overrides: list[str], needle: str) -> None:
+    assert needle in error_of(*overrides)
+
+
+def test_eval_keys_default_off_and_accept_the_r1_protocol() -> None:
+    cfg = load_config(TINY, ["eval.interval=5", "eval.k=16"], world_size=2)
+    assert (cfg.eval.interval, cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p) == (
+        5, 16, 0.6, 0.95)
+    assert load_config(TINY, [], world_size=2).eval.interval == 0

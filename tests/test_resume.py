@@ -23,6 +23,8 @@ OVERRIDES = [
     "train.steps=3", "checkpoint.save_interval=1", "rollout.max_new_tokens=8",
     "rewards.specs=[{name: language, weight: 1.0, params: {target: en, "
     "prompt_ends_with_think: true}}]",
+    # Held-out evaluation after every step: a resumed run's points equal the straight run's.
+    "eval.interval=1", "eval.k=2", "eval.limit=2", "eval.max_new_tokens=4",
 ]
 
 
@@ -69,6 +71,12 @@ def test_killed_run_resumes_to_identical_weights(tmp_path: Path) -> None:
         line_a = next(x for x in ok.stdout.splitlines() if x.startswith(step))
         line_b = next(x for x in resumed.stdout.splitlines() if x.startswith(step))
         assert line_a.split(" | tok/s")[0] == line_b.split(" | tok/s")[0]
+    after_resume = resumed.stdout.split("resumed from")[1]
+    assert "eval step 0/3" not in after_resume and "eval step 1/3" not in after_resume
+    for step in ("eval step 2/3", "eval step 3/3"):
+        line_a = next(x for x in ok.stdout.splitlines() if x.startswith(step))
+        line_b = next(x for x in after_resume.splitlines() if x.startswith(step))
+        assert line_a.split(" | time")[0] == line_b.split(" | time")[0]
 
     out = tmp_path / "diff.json"
     run_torchrun(1, ROOT / "tests" / "workers" / "compare_checkpoints.py",

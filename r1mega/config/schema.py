@@ -343,6 +343,29 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during RL training (:mod:`r1mega.held_out_eval`): the curves
+    of the R1 paper.
+
+    With ``interval`` > 0: before the first step, every ``interval`` steps and after the
+    last one, ``k`` responses per held-out problem are sampled with the job's own rollout
+    engine at the R1 protocol (temperature 0.6, top-p 0.95) and scored with the accuracy
+    reward; pass@1 is the fraction correct averaged over the k samples and the problems.
+    Logged to W&B as ``eval/*`` (with an ``eval/samples`` table of ``table_rows``
+    responses) and printed as an ``eval step ...`` line.
+    """
+
+    interval: int = 0  # steps between evaluations; 0 = no evaluation during training
+    path: str | None = None  # JSONL/Parquet file or builtin:<task>; default data.eval_path
+    k: int = 16  # samples per problem
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int | None = None  # default rollout.max_new_tokens
+    limit: int | None = None  # the first N problems; None = all
+    table_rows: int = 16  # responses per evaluation in the W&B table (one per problem first)
+
+
+@dataclass
 class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 8
@@ -379,5 +402,6 @@ class R1MegaConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

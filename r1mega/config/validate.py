@@ -568,6 +568,30 @@ def _check_sft(errors: list[str], sft: Any) -> None:
     _check_readability(errors, "sft.readability", sft.readability)
 
 
+def _check_eval(errors: list[str], cfg: Any) -> None:
+    """Held-out evaluation during training (``eval.*``)."""
+    ev = cfg.eval
+    _at_least(errors, "eval.interval", ev.interval, 0)
+    _at_least(errors, "eval.k", ev.k, 1)
+    _at_least(errors, "eval.temperature", ev.temperature, 0.0)
+    if not 0.0 < ev.top_p <= 1.0:
+        errors.append(f"eval.top_p={ev.top_p} must be in (0, 1]")
+    if ev.max_new_tokens is not None:
+        _at_least(errors, "eval.max_new_tokens", ev.max_new_tokens, 1)
+    if ev.limit is not None:
+        _at_least(errors, "eval.limit", ev.limit, 1)
+    _at_least(errors, "eval.table_rows", ev.table_rows, 0)
+    if ev.path and str(ev.path).startswith("builtin:"):
+        from r1mega.data.tasks import BUILTIN_PREFIX, BUILTIN_TASKS
+
+        if str(ev.path).removeprefix(BUILTIN_PREFIX) not in BUILTIN_TASKS:
+            errors.append(f"eval.path={ev.path!r}: unknown built-in task; known: "
+                          + ", ".join(BUILTIN_PREFIX + t for t in BUILTIN_TASKS))
+    if ev.interval and not (ev.path or cfg.data.eval_path):
+        errors.append(f"eval.interval={ev.interval} but there is nothing to evaluate on: "
+                      "set eval.path or data.eval_path (a file or builtin:<task>)")
+
+
 def _check_rollout_engine(errors: list[str], cfg: Any) -> None:
     rollout, layout = cfg.rollout, cfg.generation_layout
     _one_of(errors, "rollout.engine", rollout.engine, ROLLOUT_ENGINES)
@@ -635,6 +659,7 @@ def validate_config(cfg: Any, world_size: int | None = None) -> None:
     _check_misc(errors, cfg)
     _check_sample(errors, cfg.sample)
     _check_sft(errors, cfg.sft)
+    _check_eval(errors, cfg)
 
     if errors:
         if len(errors) == 1:

@@ -67,6 +67,21 @@ class WandbMonitor:
                 columns=columns, data=[[s[c] for c in columns] for s in samples])
         self.run.log(payload, step=step)
 
+    def log_eval(self, step: int, metrics: dict[str, float],
+                 samples: list[dict[str, Any]]) -> None:
+        """A held-out evaluation after ``step`` (0: before training): ``eval/*`` metrics
+        and an ``eval/samples`` table, in the same history row as that step's metrics."""
+        if self.run is None:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {"train/step": step, **metrics}
+        if samples:
+            columns = list(samples[0].keys())
+            payload["eval/samples"] = wandb.Table(
+                columns=columns, data=[[s[c] for c in columns] for s in samples])
+        self.run.log(payload, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
