@@ -1,6 +1,6 @@
 """Procedurally generated reasoning tasks shipped with r1mega (no download needed).
 
-Two tasks, chosen by ``data.train_path`` / ``data.eval_path``:
+Three tasks, chosen by ``data.train_path`` / ``data.eval_path``:
 
 * ``builtin:arithmetic`` -- two-operand integer ``+``/``-``/``*`` with operands up to 99
   (up to 12 for ``*``). Train and eval splits come from disjoint seeds. Too hard for the
@@ -14,6 +14,11 @@ Two tasks, chosen by ``data.train_path`` / ``data.eval_path``:
   them (the tiny base model is pretrained on train pairs only, so eval measures
   generalisation, not memorisation). Every prompt has the same length in bytes, so
   batches of them need no padding.
+
+* ``builtin:column_addition`` -- three-digit addition, "What is 345+278?", whose carries
+  make a worked, column-by-column solution more reliable than a direct answer
+  (:mod:`r1mega.data.column_addition`, imported only when a config names it): 256 fixed
+  held-out operand pairs, and train draws from all the others.
 
 Every example carries ``metadata["expression"]`` (e.g. ``"3 + 4"``), which the warm-start
 pretraining (:mod:`r1mega.pretrain`) writes into its short chains of thought.
@@ -90,7 +95,7 @@ def add_small(n: int, seed: int, split: str) -> list[PromptExample]:
             for i, (a, b) in enumerate(chosen)]
 
 
-BUILTIN_TASKS = ("arithmetic", "add_small")
+BUILTIN_TASKS = ("arithmetic", "add_small", "column_addition")
 
 
 def builtin_dataset(path: str, split: str, seed: int, size: int = 4096) -> list[PromptExample]:
@@ -101,5 +106,9 @@ def builtin_dataset(path: str, split: str, seed: int, size: int = 4096) -> list[
         return arithmetic(size, seed=seed * 1000 + _SPLIT_SEEDS[split])
     if name == "add_small":
         return add_small(size, seed=seed * 1000 + _SPLIT_SEEDS[split], split=split)
+    if name == "column_addition":
+        from r1mega.data.column_addition import column_addition
+
+        return column_addition(size, seed=seed * 1000 + _SPLIT_SEEDS[split], split=split)
     raise ValueError(f"data.{split}_path={path!r}: unknown built-in task; known: "
                      + ", ".join(BUILTIN_PREFIX + t for t in BUILTIN_TASKS))
