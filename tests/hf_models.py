@@ -19,6 +19,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tools.make_tiny_hf_model import add_mtp_layer as mtp_layer_tensors
+
 
 def hf_config(name: str, **overrides: Any) -> Any:
     common = dict(vocab_size=256, hidden_size=64, num_attention_heads=4,
@@ -60,15 +62,7 @@ def add_mtp_layer(directory: Path, num_layers: int, hidden: int) -> None:
     main_file = directory / "model.safetensors"
     with safe_open(str(main_file), "pt") as f:
         main = {k: f.get_tensor(k) for k in f.keys()}
-    g = torch.Generator().manual_seed(3)
-    src, dst = f"model.layers.{num_layers - 1}.", f"model.layers.{num_layers}."
-    mtp = {dst + k[len(src):]: (t + 0.01 * torch.randn(t.shape, generator=g)).contiguous()
-           for k, t in main.items() if k.startswith(src)}
-    for norm in ("enorm", "hnorm", "shared_head.norm"):
-        mtp[f"{dst}{norm}.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
-    mtp[f"{dst}eh_proj.weight"] = 0.02 * torch.randn(hidden, 2 * hidden, generator=g)
-    mtp[f"{dst}embed_tokens.weight"] = main["model.embed_tokens.weight"].clone()
-    mtp[f"{dst}shared_head.head.weight"] = main["lm_head.weight"].clone()
+    mtp = mtp_layer_tensors(main, num_layers, hidden)
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     main_file.rename(directory / names[0])
     save_file(mtp, str(directory / names[1]), metadata={"format": "pt"})
