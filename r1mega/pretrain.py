@@ -477,7 +477,10 @@ def _fit(cfg: Any, settings: PretrainSettings, policy: Any, elapsed: Callable[[]
     tokenizer = build_model_tokenizer(cfg)
     train_cfg = _train_cfg(cfg, settings)
     optimizer = build_optimizer(policy, train_cfg, cfg.precision)
-    scheduler = build_lr_scheduler(optimizer, train_cfg)
+    # This loop advances the schedule after each update (update k runs at position k - 1,
+    # the first at LR 0), so a decay over steps - 1 positions spans exactly the run's
+    # updates; the base model's recipe was tuned with this schedule.
+    scheduler = build_lr_scheduler(optimizer, train_cfg, total_updates=settings.steps - 1)
     examples = builtin_dataset(settings.task, "train", settings.seed)
     rng = random.Random(settings.seed)
     train_loss = float("nan")
