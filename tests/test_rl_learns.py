@@ -27,7 +27,9 @@ seed given), held-out pass@1 (k=32, T=1, sampling seed 1234) before -> after:
     base seed 1236, RL seed 1236:              0.214 -> 0.352  (+0.138; greedy 0.50 -> 0.45)
 
 Those were measured with ``r1mega eval`` (other sampling seeds, one process); the run's
-own evaluation gave 0.203 -> 0.308 (+0.105) for this test's seeds (2026-12-03).
+own evaluation gave 0.203 -> 0.308 (+0.105) for this test's seeds (2026-12-03), and
+0.203 -> 0.292 (+0.089; mean response length 40.5 -> 44.3) once the first warm-up update
+ran at the full LR instead of 0 (LR schedules counted in optimizer updates).
 
 With ``r1mega eval`` this test reproduced its line exactly (training and sampling are
 seeded; 1 thread).
