@@ -42,7 +42,9 @@ class EvalResult:
     mean_response_length: float
 
 
-def _examples(cfg: Any, data: str | None, limit: int | None) -> list[PromptExample]:
+def eval_examples(cfg: Any, data: str | None, limit: int | None) -> list[PromptExample]:
+    """The problems an evaluation scores: ``data`` (a file or ``builtin:<task>``, whose
+    held-out split is used), default ``data.eval_path``; the first ``limit`` if given."""
     path = data or cfg.data.eval_path
     if not path:
         raise ValueError("no evaluation data: pass --data FILE or set data.eval_path")
@@ -54,18 +56,22 @@ def _examples(cfg: Any, data: str | None, limit: int | None) -> list[PromptExamp
     return examples[:limit] if limit else examples
 
 
-def _accuracy_reward() -> Any:
+def accuracy_reward() -> Any:
+    """The reward function that judges correctness in every evaluation: ``accuracy``
+    alone (math-verify against the reference answer), weight 1."""
     from r1mega.rewards import RewardFunction
 
     return RewardFunction.from_config({"specs": [{"name": "accuracy", "weight": 1.0}]})
 
 
-def _evaluate_rows(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[PromptExample],
+def sample_and_score(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[PromptExample],
                    group: int, params: SamplingParams, layout: Layout, reward_fn: Any,
                    batch_size: int, responses: list[str] | None = None
                    ) -> tuple[list[float], list[int]]:
-    """Correctness (0/1) and response length of ``group`` samples for every example;
-    with ``responses``, the decoded responses are appended to it in the same order."""
+    """Correctness (0/1) and response length of ``group`` samples for every example,
+    problem-major; with ``responses``, the decoded responses are appended to it in the
+    same order. Collective: every rank calls it; ``reward_fn`` is needed on global rank 0
+    only. ``r1mega eval`` and the in-training evaluation both score through it."""
     correct: list[float] = []
     lengths: list[int] = []
     # Whole batches of prompts whose rows split over DP; the tail is padded by repeating
@@ -95,16 +101,16 @@ def run_eval(cfg: Any, checkpoint: str, data: str | None, k: int, temperature: f
     env, layout, tokenizer = job.env, job.layout, job.tokenizer
     sampler = build_sampler(generation_layout_for(cfg, env.world_size), policy, None,
                             tokenizer)
-    examples = _examples(cfg, data, limit)
-    reward_fn = _accuracy_reward() if dist.get_rank() == 0 else None
+    examples = eval_examples(cfg, data, limit)
+    reward_fn = accuracy_reward() if dist.get_rank() == 0 else None
     new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     common = dict(max_new_tokens=new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     try:
-        sampled, lengths = _evaluate_rows(
+        sampled, lengths = sample_and_score(
             cfg, sampler, tokenizer, examples, k,
             SamplingParams(temperature=temperature, top_p=top_p, **common), layout, reward_fn,
             batch_size)
-        greedy, _ = _evaluate_rows(cfg, sampler, tokenizer, examples, 1,
+        greedy, _ = sample_and_score(cfg, sampler, tokenizer, examples, 1,
                                    SamplingParams(temperature=0.0, **common), layout,
                                    reward_fn, batch_size)
     finally:

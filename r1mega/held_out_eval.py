@@ -23,7 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from parallel.layout import Layout
-from r1mega.evaluation import _accuracy_reward, _evaluate_rows, _examples
+from r1mega.evaluation import accuracy_reward, eval_examples, sample_and_score
 from r1mega.rollout.driver import Sampler
 from r1mega.rollout.types import SamplingParams
 
@@ -59,8 +59,8 @@ class HeldOutEvaluation:
         self.cfg = cfg
         self.layout = layout
         self.tokenizer = tokenizer
-        self.examples = _examples(cfg, cfg.eval.path, cfg.eval.limit)
-        self.reward_fn = _accuracy_reward() if dist.get_rank() == 0 else None
+        self.examples = eval_examples(cfg, cfg.eval.path, cfg.eval.limit)
+        self.reward_fn = accuracy_reward() if dist.get_rank() == 0 else None
         self.params = SamplingParams(
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
             temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
@@ -74,7 +74,7 @@ class HeldOutEvaluation:
         k = self.cfg.eval.k
         start = time.perf_counter()
         responses: list[str] = []
-        correct, lengths = _evaluate_rows(
+        correct, lengths = sample_and_score(
             self.cfg, sampler, self.tokenizer, self.examples, k, self.params, self.layout,
             self.reward_fn, batch_size=len(self.examples) * k, responses=responses)
         metrics = {"eval/pass_at_1": sum(correct) / len(correct),

@@ -25,8 +25,8 @@ engine at temperature 1, 16 times each on the 20 held-out problems (seed 1234): 
 format 0.56, an ``<answer>`` block 0.67, accuracy 0.22 (``r1mega eval --k 32``: pass@1
 0.228); 8 times each on 20 train problems: format 0.54, accuracy 0.31; greedy on the
 held-out ones: format 1.00, accuracy 0.40 (train: 0.75). Held-out pass@1 at T=1 (k=32)
-for seeds 1235 and 1236: 0.309 and 0.214. RL on ``configs/tiny_cpu.yaml`` raises the
-format rate to ~0.9, and held-out pass@1 by 0.08-0.15 (``tests/test_rl_learns.py``).
+for seeds 1235 and 1236: 0.309 and 0.214. RL on ``configs/tiny_cpu.yaml`` raised the
+format rate to ~0.9, and held-out pass@1 by 0.08-0.15 (2026-12-01).
 
 Why these defaults (same date and machine, held-out pass@1 at T=1 unless said): the
 earlier ``correct_frac=0.6`` / 600 steps gave 0.09-0.10 (greedy 0.35), and RL's gain on
@@ -40,6 +40,21 @@ the model stopped copying the operands into the think block (2-19% of samples ag
 (0.06). A formatted answer is 45 byte tokens, so an RL budget of
 ``rollout.max_new_tokens=32`` cuts every response before ``</answer>`` (format and
 accuracy 0.00); :func:`response_budget_warning` says so.
+
+``builtin:count_on`` (``configs/r1_zero_tiny_cpu.yaml``) has two styles of completion
+(:mod:`r1mega.data.count_on`): a direct answer, a guess right ``direct_correct`` of the
+time, and a worked one that counts on and is always right. The base model must *know*
+the worked procedure yet rarely *choose* it, so that RL has something to discover:
+``worked_frac`` (half) of the rows are worked, and :func:`two_style_row` scales the loss
+on the worked rows' first worked token so that the fitted probability of starting it is
+``worked_prior`` (0.3; about 0.2 of samples at T=0.6). Measured 2026-12-03 (800 steps,
+seed 1234, 294-356 s on one core of a shared machine): held-out completion loss 6.27 ->
+0.04; at T=0.6 the worked style is taken 20% of the time and is right 75% of the time,
+the direct one 9%: pass@1 0.22. Forced into the worked style it is right 88% of the time.
+That needs ``model.qk_pos_emb_head_dim: 16`` and ``model.rope_theta: 1000``: with
+tiny_cpu.yaml's 8 rotary dimensions at theta 10,000, the same 800 steps left the worked
+style right 27% of the time (it miscounted and miscopied operands), and 18 RL steps from
+that model took held-out pass@1 from 0.07 to 0.02.
 
 It reuses the trainer's machinery (``build_policy``, ``forward_backward``, ``lm_loss``,
 megatron's optimizer and LR schedule) on one process with every parallel size 1, and
@@ -82,6 +97,14 @@ DEFAULT_LR = 1e-2
 DEFAULT_SLOT_WEIGHT = 4.0
 DEFAULT_CORRECT_FRAC = 0.9
 DEFAULT_FORMAT_FRAC = 0.6
+DEFAULT_WORKED_FRAC = 0.5
+DEFAULT_WORKED_PRIOR = 0.3
+DEFAULT_DIRECT_CORRECT = 0.2
+# Defaults that differ by task, applied under explicit options. count_on's completions are
+# longer and its answers depend on every digit of a 2-digit operand: with add_small's 30%
+# of steps on full-template text it miscopied the operand there (held-out completion loss
+# 0.12 against 0.04-0.07 with 50%, 2026-12-03).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"builtin:count_on": {"full_frac": 0.5}}
 
 
 @dataclass(frozen=True)
@@ -98,12 +121,17 @@ class PretrainSettings:
     slot_weight: float = DEFAULT_SLOT_WEIGHT
     correct_frac: float = DEFAULT_CORRECT_FRAC
     format_frac: float = DEFAULT_FORMAT_FRAC
+    # tasks with a direct and a worked style (builtin:count_on)
+    worked_frac: float = DEFAULT_WORKED_FRAC
+    worked_prior: float = DEFAULT_WORKED_PRIOR
+    direct_correct: float = DEFAULT_DIRECT_CORRECT
 
     def __post_init__(self) -> None:
         """Refuse settings that would train on nothing, before any model is built."""
         if min(self.steps, self.batch_size, self.short_batch_size) < 1:
             raise ValueError("steps, batch_size and short_batch_size must be >= 1")
-        for name in ("full_frac", "correct_frac", "format_frac"):
+        for name in ("full_frac", "correct_frac", "format_frac", "worked_frac",
+                     "worked_prior", "direct_correct"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} is not in [0, 1]")
 
@@ -137,11 +165,21 @@ def formatted_completion(expression: str, value: int) -> str:
     return f" <think> {expression} </think> <answer> {value} </answer>"
 
 
+def correct_completion(example: PromptExample) -> str:
+    """The longest correct, well-formatted completion the base-model text has for
+    ``example``: the worked one for a two-style task, else the formatted one."""
+    if is_two_style(example):
+        from r1mega.data.count_on import worked_text
+
+        return worked_text(example.metadata["a"], example.metadata["b"])
+    return formatted_completion(example.metadata.get("expression") or example.prompt,
+                                int(example.answer or 0))
+
+
 def longest_formatted_completion(tokenizer: Any, examples: Sequence[PromptExample]) -> int:
     """Tokens in the longest correct, well-formatted completion of ``examples`` (EOS not
     counted: rollouts stop at ``</answer>``)."""
-    return max(len(tokenizer.encode(formatted_completion(
-        ex.metadata.get("expression") or ex.prompt, int(ex.answer or 0)))) for ex in examples)
+    return max(len(tokenizer.encode(correct_completion(ex))) for ex in examples)
 
 
 def response_budget_warning(cfg: Any, task: str) -> str | None:
@@ -161,8 +199,9 @@ def response_budget_warning(cfg: Any, task: str) -> str | None:
     if budget >= needed:
         return None
     return (f"rollout.max_new_tokens={budget} is shorter than a formatted answer to "
-            f"{task} ({needed} tokens): every sampled response is cut before </answer> "
-            f"and scores 0; use rollout.max_new_tokens>={needed} for RL and sampling")
+            f"{task} ({needed} tokens at the longest): a response that long is cut before "
+            f"</answer> and scores 0; use rollout.max_new_tokens>={needed} for RL and "
+            f"sampling")
 
 
 def completion_text(example: PromptExample, rng: random.Random, correct_frac: float,
@@ -263,10 +302,66 @@ def sample_batch(tokenizer: Any, template: str, examples: Sequence[PromptExample
     """``n`` generated training sequences on problems drawn from ``examples``."""
     rows = []
     for ex in (rng.choice(examples) for _ in range(n)):
+        if is_two_style(ex):
+            rows.append(two_style_row(tokenizer, prompt_text(template, ex, tokenizer, short),
+                                      ex, rng, settings, weighted))
+            continue
         completion = completion_text(ex, rng, settings.correct_frac, settings.format_frac)
         rows.append(encode_example(tokenizer, prompt_text(template, ex, tokenizer, short),
                                    completion, settings.slot_weight if weighted else 1.0))
     return lm_batch(rows, tokenizer.pad_id)
+
+
+# where a number starts in the two-style tasks' text: operands, sums, counting steps
+TWO_STYLE_SLOTS = ("<think> ", "<answer> ", "= ", "+ ", ": ", ", ")
+TWO_STYLE_TASKS = ("count_on",)  # tasks whose base-model text has a direct and a worked style
+
+
+def is_two_style(example: PromptExample) -> bool:
+    return example.metadata.get("task") in TWO_STYLE_TASKS
+
+
+def two_style_row(tokenizer: Any, context: str, example: PromptExample,
+                  rng: random.Random, settings: PretrainSettings, weighted: bool
+                  ) -> tuple[list[int], list[int], list[float]]:
+    """A worked (``worked_frac`` of rows) or direct base-model completion of a task with
+    both styles (:func:`r1mega.data.count_on.base_completion`).
+
+    The procedure is learned from many worked rows, but a base model should *start* the
+    worked style rarely, so that RL has something to discover: weighted rows scale the
+    loss of a worked row's first worked token (where it departs from the direct text) by
+    :func:`style_weight`, which makes the fitted probability of that choice
+    ``worked_prior``. The other tokens are weighted as :func:`in_number` says.
+    """
+    from r1mega.data.count_on import base_completion, direct_text
+
+    worked = rng.random() < settings.worked_frac
+    text = base_completion(example, rng, worked, settings.direct_correct)
+    ids = tokenizer.encode(text) + [tokenizer.eos_id]
+    weights = [1.0] * len(ids)
+    if weighted:
+        weights = [settings.slot_weight if in_number(tokenizer.decode(list(ids[:i])))
+                   else 1.0 for i in range(len(ids))]
+        if worked:
+            direct = tokenizer.encode(direct_text(example.metadata["a"], example.metadata["b"]))
+            split = next(i for i, (x, y) in enumerate(zip(ids, direct, strict=False)) if x != y)
+            weights[split] *= style_weight(settings.worked_frac, settings.worked_prior)
+    return tokenizer.encode(context), ids, weights
+
+
+def in_number(before: str) -> bool:
+    """Whether the token after ``before`` is up-weighted: after a slot, where a number
+    starts, or after a digit, where a number continues or ends. Decided by the text before
+    the token only, as in :func:`slot_weights`, so the weights never bias what a position
+    is fitted to."""
+    return before.endswith(TWO_STYLE_SLOTS) or before[-1:].isdigit()
+
+
+def style_weight(worked_frac: float, worked_prior: float) -> float:
+    """The loss weight on a worked row's style choice that fits the choice's probability to
+    ``worked_prior`` when ``worked_frac`` of the rows are worked: solving
+    ``f w / (f w + 1 - f) = p`` for ``w``."""
+    return worked_prior * (1 - worked_frac) / (worked_frac * (1 - worked_prior))
 
 
 def heldout_batch(cfg: Any, settings: PretrainSettings, size: int = 24
@@ -588,8 +683,10 @@ def make_settings(cfg: Any, steps: int, seed: int | None, task: str | None,
     if not is_builtin(task):
         raise ValueError(f"pretraining generates text for a builtin:<task> data path, got "
                          f"{task!r}")
+    given = {name: value for name, value in options.items() if value is not None}
     return PretrainSettings(task=task, steps=steps,
-                            seed=cfg.train.seed if seed is None else seed, **options)
+                            seed=cfg.train.seed if seed is None else seed,
+                            **{**TASK_DEFAULTS.get(task, {}), **given})
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -691,7 +788,8 @@ def _pretrain_in_subprocess(cfg: Any, out_dir: Path, steps: int, seed: int | Non
     if task is not None:
         args += ["--task", task]
     for name, value in options.items():
-        args += ["--" + name.replace("_", "-"), str(value)]
+        if value is not None:
+            args += ["--" + name.replace("_", "-"), str(value)]
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))
@@ -754,8 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full-template sequences per step in the final phase")
     parser.add_argument("--short-batch-size", type=int, default=DEFAULT_SHORT_BATCH_SIZE,
                         help="short-context sequences per step")
-    parser.add_argument("--full-frac", type=float, default=DEFAULT_FULL_FRAC,
-                        help="fraction of steps (the last ones) with full-template text")
+    parser.add_argument("--full-frac", type=float, default=None,
+                        help="fraction of steps (the last ones) with full-template text "
+                        f"(default {DEFAULT_FULL_FRAC}; per task: TASK_DEFAULTS)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--slot-weight", type=float, default=DEFAULT_SLOT_WEIGHT,
                         help="loss weight of the tokens where a number starts")
@@ -763,6 +862,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of training completions with the right answer")
     parser.add_argument("--format-frac", type=float, default=DEFAULT_FORMAT_FRAC,
                         help="fraction of training completions in the strict R1 format")
+    parser.add_argument("--worked-frac", type=float, default=DEFAULT_WORKED_FRAC,
+                        help="two-style tasks: fraction of completions in the worked style")
+    parser.add_argument("--worked-prior", type=float, default=DEFAULT_WORKED_PRIOR,
+                        help="two-style tasks: fitted probability of starting the worked style")
+    parser.add_argument("--direct-correct", type=float, default=DEFAULT_DIRECT_CORRECT,
+                        help="two-style tasks: fraction of direct answers that are right")
     parser.add_argument("--force", action="store_true", help="retrain even if cached")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, sample N held-out problems (4x at T=1, greedy) "
@@ -788,7 +893,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            force=args.force, batch_size=args.batch_size,
                            short_batch_size=args.short_batch_size, full_frac=args.full_frac,
                            lr=args.lr, slot_weight=args.slot_weight,
-                           correct_frac=args.correct_frac, format_frac=args.format_frac)
+                           correct_frac=args.correct_frac, format_frac=args.format_frac,
+                           worked_frac=args.worked_frac, worked_prior=args.worked_prior,
+                           direct_correct=args.direct_correct)
     print(json.dumps({k: v for k, v in asdict(result).items() if k != "settings"}, indent=2))
     if args.eval:
         print_sample_stats(cfg, result, args.eval)

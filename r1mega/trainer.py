@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -39,6 +39,9 @@ from r1mega.training.grpo_step import grpo_step
 from r1mega.training.length_schedule import response_budget
 from r1mega.training.optim import build_lr_scheduler, build_optimizer, updates_per_step
 from r1mega.training.reference import ReferencePolicy
+
+if TYPE_CHECKING:  # imported when an evaluation is configured
+    from r1mega.held_out_eval import HeldOutEvaluation
 
 
 @dataclass
@@ -165,7 +168,8 @@ def _maybe_reset_reference(cfg: Any, step: int, policy: Any,
 # ------------------------------------------------------- held-out evaluation (eval.*)
 
 
-def _held_out_evaluation(cfg: Any, layout: Layout, tokenizer: Any) -> Any:
+def _held_out_evaluation(cfg: Any, layout: Layout, tokenizer: Any
+                         ) -> HeldOutEvaluation | None:
     """The in-training held-out evaluation when ``eval.interval`` asks for one."""
     if not cfg.eval.interval:
         return None
@@ -174,7 +178,7 @@ def _held_out_evaluation(cfg: Any, layout: Layout, tokenizer: Any) -> Any:
     return HeldOutEvaluation(cfg, layout, tokenizer)
 
 
-def _evaluate_held_out(cfg: Any, step: int, held_out: Any, rollout: Sampler,
+def _evaluate_held_out(cfg: Any, step: int, held_out: HeldOutEvaluation, rollout: Sampler,
                        monitor: WandbMonitor) -> None:
     """Evaluate the policy after ``step`` (0: the initial policy); log and print it.
     Runs after the step's own logging, so it never mixes into the step's rollout

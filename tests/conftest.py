@@ -12,21 +12,33 @@ import pytest
 from tests.distributed import ROOT
 
 
-@pytest.fixture(scope="session")
-def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base model of ``configs/tiny_cpu.yaml`` (``warm_start:DIR``), pretrained
-    once per test session with the documented tool (about three CPU minutes) for the tests
-    that start from it; a run given ``checkpoint.load=warm_start:DIR`` finds it cached."""
-    out = tmp_path_factory.mktemp("tiny_base")
+def _pretrained_base(tmp_path_factory: pytest.TempPathFactory, config: str) -> Path:
+    """``config``'s tiny base model (``warm_start:DIR``), pretrained with the documented
+    tool into a fresh directory, as a fresh clone's first run would."""
+    out = tmp_path_factory.mktemp(Path(config).stem + "_base")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "tools/pretrain_tiny.py", "configs/tiny_cpu.yaml",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "tools/pretrain_tiny.py", config, "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (out / "meta.json").is_file()
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base model of ``configs/tiny_cpu.yaml``, pretrained once per test session
+    (about three CPU minutes) for the tests that start from it; a run given
+    ``checkpoint.load=warm_start:DIR`` finds it cached."""
+    return _pretrained_base(tmp_path_factory, "configs/tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="session")
+def count_on_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base model of ``configs/r1_zero_tiny_cpu.yaml`` (``builtin:count_on``),
+    pretrained once per test session (about five CPU minutes)."""
+    return _pretrained_base(tmp_path_factory, "configs/r1_zero_tiny_cpu.yaml")
 
 
 SANDBOX_TOOLS = {"bwrap": "bubblewrap", "setpriv": "util-linux", "prlimit": "util-linux"}

@@ -90,11 +90,11 @@ def rescored_pass_at_1(table: list[dict]) -> float:
 
 
 def test_tiny_cpu_run_prints_step_lines_logs_wandb_and_evaluates(tmp_path: Path) -> None:
-    """The README's run command: 2 processes, PP=2 tiny DeepSeek-V3, GRPO steps complete
-    with rollouts, rewards and updates, one progress line per step; the same metrics in
-    an offline W&B run; then `r1mega eval` on the checkpoint it wrote."""
-    # checkpoint.load=null: random weights (the warm-started base model is
-    # tests/test_rl_learns.py's subject); the pipeline is the same.
+    """The tiny whole-pipeline job: 2 processes, PP=2 tiny DeepSeek-V3, GRPO steps
+    complete with rollouts, rewards and updates, one progress line per step; the same
+    metrics in an offline W&B run; then `r1mega eval` on the checkpoint it wrote."""
+    # checkpoint.load=null: random weights (a warm-started base model learning is
+    # tests/test_rl_learns.py's subject, on the README's config); the pipeline is the same.
     # Held-out evaluation at steps 0, 1 and 2 on 4 problems x k=2 (all 8 responses in
     # its table).
     out = r1mega("train", "configs/tiny_cpu.yaml", "checkpoint.load=null", "train.steps=2",

@@ -9,7 +9,8 @@ from parallel.layout import Layout, detect_distributed_env
 from r1mega.config import load_config
 from r1mega.models import build_transformer_config
 
-CONFIGS = [("configs/tiny_cpu.yaml", 2), ("configs/r1_zero_671b.yaml", 512),
+CONFIGS = [("configs/tiny_cpu.yaml", 2), ("configs/r1_zero_tiny_cpu.yaml", 2),
+           ("configs/r1_zero_671b.yaml", 512),
            ("configs/qwen2_5_7b.yaml", 8)]
 
 

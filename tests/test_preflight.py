@@ -99,7 +99,8 @@ def test_cli_fails_before_launch_and_before_pretraining(tmp_path: Path) -> None:
     assert not base.exists() and not (tmp_path / "ck").exists()
 
 
-@pytest.mark.parametrize("name,command", [("tiny_cpu", "train"), ("r1_stage2_tiny_cpu", "train"),
+@pytest.mark.parametrize("name,command", [("tiny_cpu", "train"), ("r1_zero_tiny_cpu", "train"),
+                                          ("r1_stage2_tiny_cpu", "train"),
                                           ("sample_tiny_cpu", "sample"), ("sft_tiny_cpu", "sft")])
 def test_shipped_configs_pass_their_own_checks(name: str, command: str) -> None:
     """A shipped config whose own data does not fit its budget fails here, not in a user's

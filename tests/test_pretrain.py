@@ -103,6 +103,48 @@ def test_batches_weight_exactly_the_completion_tokens() -> None:
         assert heavy == ("347" if i == 0 else "2")
 
 
+def test_two_style_rows_fit_the_worked_prior() -> None:
+    """count_on rows: half worked, half direct, the same context; every digit of a
+    number is up-weighted; on worked rows the first worked token (``:`` where a direct
+    answer writes `` = ``) carries the style weight, relative to what the direct rows
+    have there, and that weight makes the fitted probability of the worked style the
+    prior: the expected loss gradient vanishes at p = prior."""
+    from r1mega.data.count_on import direct_text, worked_text
+    from r1mega.data.tasks import builtin_dataset
+    from r1mega.pretrain import PretrainSettings, style_weight, two_style_row
+
+    tok = _tokenizer()
+    settings = PretrainSettings(task="builtin:count_on", worked_frac=0.5, worked_prior=0.3)
+    ex = builtin_dataset("builtin:count_on", "train", 1)[0]
+    a, b = ex.metadata["a"], ex.metadata["b"]
+    rng = random.Random(0)
+    rows = [two_style_row(tok, "ctx", ex, rng, settings, weighted=True) for _ in range(400)]
+    worked = [r for r in rows if tok.decode(r[1][:-1]) == worked_text(a, b)]
+    direct = [r for r in rows if r not in worked]
+    assert 150 < len(worked) < 250 and all(r[0] == tok.encode("ctx") for r in rows)
+    split = len(tok.encode(f" <think> {a} + {b}"))
+    assert tok.decode([worked[0][1][split]]) == ":"
+    assert all(tok.decode(r[1][:split]) == f" <think> {a} + {b}" for r in direct)
+    w = style_weight(0.5, 0.3)
+    assert worked[0][2][split] == pytest.approx(direct[0][2][split] * w)
+    # weighted cross-entropy over the two choices: f w (1 - p) = (1 - f) p at p = prior
+    p = 0.3
+    assert 0.5 * w * (1 - p) == pytest.approx(0.5 * p)
+    # up-weighted, since a weight depends on the text before a token only: the first
+    # digit of a number that starts after a slot (the operands, the running numbers, the
+    # answer; not the units-left counters, which follow a plain space), and every token
+    # that follows a digit
+    text = worked_text(a, b)
+    expected = set()
+    for match in re.finditer(r"\d+", text):
+        expected |= set(range(match.start() + 1, match.end() + 1))
+        if text[:match.start()].endswith(("<think> ", "+ ", ": ", ", ", "<answer> ")):
+            expected.add(match.start())
+    heavy = {i for i, weight in enumerate(worked[0][2]) if weight > 1} - {split}
+    assert heavy == expected - {split}, text
+    assert direct_text(a, b).startswith(f" <think> {a} + {b} = ")
+
+
 def test_short_response_budget_is_reported() -> None:
     from r1mega.config import load_config
     from r1mega.pretrain import response_budget_warning
@@ -111,6 +153,11 @@ def test_short_response_budget_is_reported() -> None:
     assert "rollout.max_new_tokens=32" in response_budget_warning(short, TASK)
     assert "45 tokens" in response_budget_warning(short, TASK)
     assert response_budget_warning(load_config(TINY, OVERRIDES), TASK) is None
+    # a two-style task needs room for its longest worked answer (b = 9: 106 tokens)
+    r1_zero = ROOT / "configs" / "r1_zero_tiny_cpu.yaml"
+    assert response_budget_warning(load_config(r1_zero), "builtin:count_on") is None
+    tight = load_config(r1_zero, ["rollout.max_new_tokens=104"])
+    assert "106 tokens" in response_budget_warning(tight, "builtin:count_on")
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Plot the reward and response-length curves of an r1mega run from its offline W&B run.
 
-    python tools/plot_run.py runs/tiny_cpu --out tools/figures/tiny_cpu_curves.png
+    python tools/plot_run.py runs/r1_zero_tiny_cpu --out tools/figures/r1_zero_tiny_cpu_curves.png
 
 The argument is a W&B offline run directory (``.../wandb/offline-run-*``), or any
 directory above one (a run's ``logging.wandb_dir``, by default the parent of
-``checkpoint.save_dir``: ``runs/tiny_cpu``); with several runs there, the newest is used.
+``checkpoint.save_dir``: ``runs/r1_zero_tiny_cpu``); with several runs there, the newest is used.
 The run is read back with ``wandb leet inspect --json`` (no network, no W&B account), as
 ``tests/test_cli.py`` does, and the PNG gets two panels over the RL steps: the rewards
 (``reward/mean``, ``reward/accuracy``, ``reward/format``) and the mean response length
-(``rollout/response_length``, with its maximum when it was logged). Needs matplotlib
+(``rollout/response_length``, with its maximum when it was logged); a run with held-out
+evaluation (``eval.interval``) adds its pass@1 and mean response length, R1's curves,
+from the step-0 point on. Needs matplotlib
 (``pip install -e '.[dev]'``).
 """
 
@@ -22,9 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REWARDS = (("reward/mean", "reward (weighted sum)"), ("reward/accuracy", "accuracy"),
-           ("reward/format", "format"))
+REWARDS = (("reward/mean", "reward (weighted sum)"), ("reward/accuracy", "accuracy (rollouts)"),
+           ("reward/format", "format (rollouts)"))
 LENGTH, LENGTH_MAX = "rollout/response_length", "rollout/response_length_max"
+# the run's held-out evaluation (eval.interval > 0): R1's curves
+EVAL_PASS, EVAL_LENGTH = "eval/pass_at_1", "eval/response_length"
 
 
 def find_run(path: Path) -> Path:
@@ -61,7 +65,7 @@ def curves(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """(steps, values) of every plotted metric present in ``history``; the step is
     ``train/step`` when logged, else W&B's ``_step``."""
     result: dict[str, tuple[list[float], list[float]]] = {}
-    for key in [k for k, _ in REWARDS] + [LENGTH, LENGTH_MAX]:
+    for key in [k for k, _ in REWARDS] + [LENGTH, LENGTH_MAX, EVAL_PASS, EVAL_LENGTH]:
         points = [(float(row.get("train/step", row.get("_step", i))), float(row[key]))
                   for i, row in enumerate(history) if row.get(key) is not None]
         if points:
@@ -84,11 +88,17 @@ def plot(data: dict[str, tuple[list[float], list[float]]], out: Path, title: str
         if key in data:
             top.plot(*data[key], style, marker="o", markersize=2.5, label=label,
                      linewidth=2 if key == "reward/mean" else 1.4)
+    if EVAL_PASS in data:
+        top.plot(*data[EVAL_PASS], "-", color="black", marker="s", markersize=4,
+                 linewidth=2.2, label="held-out pass@1")
     top.set_ylabel("reward / rate")
     top.set_ylim(0.0, max(1.55, max(data["reward/mean"][1]) + 0.05))
     top.legend(loc="upper left", fontsize=8, ncol=3)
     top.grid(alpha=0.3)
-    bottom.plot(*data[LENGTH], "-", marker="o", markersize=2.5, label="mean")
+    bottom.plot(*data[LENGTH], "-", marker="o", markersize=2.5, label="mean (rollouts)")
+    if EVAL_LENGTH in data:
+        bottom.plot(*data[EVAL_LENGTH], "-", color="black", marker="s", markersize=4,
+                    linewidth=2.2, label="mean (held-out evaluation)")
     if LENGTH_MAX in data:
         bottom.plot(*data[LENGTH_MAX], ":", color="gray", label="max")
     bottom.set_ylabel("response length (tokens)")
@@ -105,8 +115,9 @@ def plot(data: dict[str, tuple[list[float], list[float]]], out: Path, title: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="offline-run-* directory, or a directory "
-                        "above one (e.g. runs/tiny_cpu)")
-    parser.add_argument("--out", type=Path, default=Path("tools/figures/tiny_cpu_curves.png"))
+                        "above one (e.g. runs/r1_zero_tiny_cpu)")
+    parser.add_argument("--out", type=Path,
+                        default=Path("tools/figures/r1_zero_tiny_cpu_curves.png"))
     parser.add_argument("--title", default=None, help="default: the run directory's name")
     args = parser.parse_args(argv)
     run_dir = find_run(args.run)

@@ -14,11 +14,10 @@ Three tasks, chosen by ``data.train_path`` / ``data.eval_path``:
   them (the tiny base model is pretrained on train pairs only, so eval measures
   generalisation, not memorisation). Every prompt has the same length in bytes, so
   batches of them need no padding.
-
-* ``builtin:column_addition`` -- three-digit addition, "What is 345+278?", whose carries
-  make a worked, column-by-column solution more reliable than a direct answer
-  (:mod:`r1mega.data.column_addition`, imported only when a config names it): 256 fixed
-  held-out operand pairs, and train draws from all the others.
+* ``builtin:count_on`` -- "What is 47 + 6?", where counting on in the ``<think>`` block
+  (``47 6, 48 5, ..., 53 0``) is reliable and a one-shot sum is a guess: the task of the
+  README's R1-Zero run (:mod:`r1mega.data.count_on`, imported only when a config names
+  it): 200 fixed held-out problems, and train draws from the 301 others.
 
 Every example carries ``metadata["expression"]`` (e.g. ``"3 + 4"``), which the warm-start
 pretraining (:mod:`r1mega.pretrain`) writes into its short chains of thought.
@@ -95,7 +94,7 @@ def add_small(n: int, seed: int, split: str) -> list[PromptExample]:
             for i, (a, b) in enumerate(chosen)]
 
 
-BUILTIN_TASKS = ("arithmetic", "add_small", "column_addition")
+BUILTIN_TASKS = ("arithmetic", "add_small", "count_on")
 
 
 def builtin_dataset(path: str, split: str, seed: int, size: int = 4096) -> list[PromptExample]:
@@ -106,9 +105,9 @@ def builtin_dataset(path: str, split: str, seed: int, size: int = 4096) -> list[
         return arithmetic(size, seed=seed * 1000 + _SPLIT_SEEDS[split])
     if name == "add_small":
         return add_small(size, seed=seed * 1000 + _SPLIT_SEEDS[split], split=split)
-    if name == "column_addition":
-        from r1mega.data.column_addition import column_addition
+    if name == "count_on":
+        from r1mega.data.count_on import count_on
 
-        return column_addition(size, seed=seed * 1000 + _SPLIT_SEEDS[split], split=split)
+        return count_on(size, seed=seed * 1000 + _SPLIT_SEEDS[split], split=split)
     raise ValueError(f"data.{split}_path={path!r}: unknown built-in task; known: "
                      + ", ".join(BUILTIN_PREFIX + t for t in BUILTIN_TASKS))
