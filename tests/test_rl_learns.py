@@ -8,20 +8,32 @@ runs the config's 25 steps with its held-out evaluation (``eval.*``: 64 of the 2
 ``builtin:count_on`` problems never trained on, k=4 samples each at the R1 protocol,
 T=0.6 and top-p 0.95, before the first step and every 5 steps).
 
-The base model answers "What is 47 + 6?" directly most of the time (a guess, right ~9% of
+The base model answers "What is 47 + 6?" directly most of the time (a guess, right ~10% of
 the time) and counts on in its ``<think>`` block ~20% of the time (right ~75%). Nothing
 rewards the style; the accuracy reward pays for right answers, which the worked style
 gives, and RL shifts the policy to it: held-out pass@1 rises, and so does the length.
 
 Measured 2026-12-03 (shared 2-core machine, OMP_NUM_THREADS=1; base model and RL with the
-same seed), the run's own evaluation, pass@1 and mean response length (tokens):
+same seed), the run's own evaluation at steps 0, 5, ..., 25:
 
-    seed 1234 (this test): see ``MEASURED`` below
+    seed 1234 (this test)  pass@1 0.234 0.449 0.707 0.816 0.852 0.918
+                           worked  0.22  0.56  0.79  0.88  0.94  0.98
+                           length  59.9  72.3  82.2  86.1  89.0  91.0  (1.52x)
+    seed 1235              pass@1 0.207 0.301 0.438 0.555 0.617 0.660
+                           worked  0.20  0.38  0.59  0.75  0.91  0.97
+                           length  58.7  66.2  74.8  81.5  88.0  90.6  (1.54x)
+    seed 1236              pass@1 0.047 0.074 0.051 0.059 0.055 0.043
+                           worked  0.20  0.25  0.15  0.09  0.05  0.04
 
-``MIN_GAIN`` is a third of the smallest measured gain: one evaluation (256 samples on 64
-problems) has a sampling error of ~0.03 and on another machine the floating-point path,
-so the trajectory, may differ as a seed would. The worked-style share of the logged
-responses and the length are asserted with the same kind of margin.
+Seed 1234 with ``r1mega eval`` on all 200 held-out problems at k=16: pass@1 0.235 ->
+0.904, mean length 59.3 -> 89.7. Seed 1236's base model did not learn the procedure: it
+miscopies the operand's units digit (``68 + 6: 60 6, 61 5, ...``), and when it counts on
+it is right 5% of the time (seeds 1234 and 1235: 75%), so RL moves away from it.
+
+``MIN_GAIN`` is under half the smaller gain of the two seeds whose base model counts on
+(0.45): one evaluation (256 samples on 64 problems) has a sampling error of ~0.03, and on
+another machine the floating-point path, so the trajectory, may differ as a seed would.
+The worked-style share and the length ratio are asserted with the same kind of margin.
 """
 
 from __future__ import annotations
@@ -45,8 +57,9 @@ SEED = 1234
 STEPS = 25  # the config's train.steps, fixed here so the numbers above hold
 EVAL_STEPS = [0, 5, 10, 15, 20, 25]  # eval.interval=5
 PROBLEMS, K = 64, 4  # eval.limit, eval.k
-MIN_GAIN = 0.15  # held-out pass@1, absolute
-MIN_LENGTH_RATIO = 1.2  # mean response length, last evaluation over the first
+MIN_GAIN = 0.2  # held-out pass@1, absolute (measured: 0.68 and 0.45)
+MIN_WORKED_GAIN = 0.3  # share of worked responses, absolute (measured: 0.76 and 0.77)
+MIN_LENGTH_RATIO = 1.25  # mean response length, last evaluation over the first (1.52, 1.54)
 
 
 def test_r1_zero_tiny_run_raises_held_out_accuracy_and_response_length(
@@ -84,7 +97,7 @@ def test_r1_zero_tiny_run_raises_held_out_accuracy_and_response_length(
     assert pass_at_1[0] <= 0.35, report
     assert pass_at_1[-1] >= pass_at_1[0] + MIN_GAIN, report
     # ...by reasoning longer: the worked style takes over, and responses grow.
-    assert worked[-1] >= worked[0] + MIN_GAIN, report
+    assert worked[-1] >= worked[0] + MIN_WORKED_GAIN, report
     assert lengths[-1] >= MIN_LENGTH_RATIO * lengths[0], report
 
     missing = set(WANDB_METRICS) - offline_run_keys(tmp_path)
