@@ -64,10 +64,10 @@ def accuracy_reward() -> Any:
     return RewardFunction.from_config({"specs": [{"name": "accuracy", "weight": 1.0}]})
 
 
-def sample_and_score(cfg: Any, sampler: Sampler, tokenizer: Any, examples: list[PromptExample],
-                   group: int, params: SamplingParams, layout: Layout, reward_fn: Any,
-                   batch_size: int, responses: list[str] | None = None
-                   ) -> tuple[list[float], list[int]]:
+def sample_and_score(cfg: Any, sampler: Sampler, tokenizer: Any,
+                     examples: list[PromptExample], group: int, params: SamplingParams,
+                     layout: Layout, reward_fn: Any, batch_size: int,
+                     responses: list[str] | None = None) -> tuple[list[float], list[int]]:
     """Correctness (0/1) and response length of ``group`` samples for every example,
     problem-major; with ``responses``, the decoded responses are appended to it in the
     same order. Collective: every rank calls it; ``reward_fn`` is needed on global rank 0
@@ -111,8 +111,8 @@ def run_eval(cfg: Any, checkpoint: str, data: str | None, k: int, temperature: f
             SamplingParams(temperature=temperature, top_p=top_p, **common), layout, reward_fn,
             batch_size)
         greedy, _ = sample_and_score(cfg, sampler, tokenizer, examples, 1,
-                                   SamplingParams(temperature=0.0, **common), layout,
-                                   reward_fn, batch_size)
+                                     SamplingParams(temperature=0.0, **common), layout,
+                                     reward_fn, batch_size)
     finally:
         if reward_fn is not None:
             reward_fn.close()

@@ -34,6 +34,7 @@ CONFIG_TESTS = {
     "r1_zero_671b.yaml": "tests/test_recipes.py",
     "qwen2_5_7b.yaml": "tests/test_recipes.py",
     "tiny_cpu.yaml": "tests/test_cli.py",
+    "r1_zero_tiny_cpu.yaml": "tests/test_rl_learns.py",
     "sft_tiny_cpu.yaml": "tests/test_sft.py",
     "distill_tiny_cpu.yaml": "tests/test_sft.py",
     "sample_tiny_cpu.yaml": "tests/test_rejection.py",
