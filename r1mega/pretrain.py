@@ -236,7 +236,8 @@ def completion_text(example: PromptExample, rng: random.Random, correct_frac: fl
 NUMBER_SLOTS = ("<think> ", "<answer> ", "= ", "+ ", "- ", "* ", "is ")
 
 
-def slot_weights(tokenizer: Any, completion_ids: Sequence[int], weight: float) -> list[float]:
+def slot_weights(tokenizer: Any, completion_ids: Sequence[int], weight: float,
+                 is_slot: Callable[[str], bool] | None = None) -> list[float]:
     """Loss weight of each completion token: ``weight`` where a number must start (the
     operand copies and the stated result), 1 elsewhere.
 
@@ -247,8 +248,9 @@ def slot_weights(tokenizer: Any, completion_ids: Sequence[int], weight: float) -
     """
     if weight == 1.0:
         return [1.0] * len(completion_ids)
-    return [weight if tokenizer.decode(list(completion_ids[:i])).endswith(NUMBER_SLOTS)
-            else 1.0 for i in range(len(completion_ids))]
+    is_slot = is_slot or (lambda before: before.endswith(NUMBER_SLOTS))
+    return [weight if is_slot(tokenizer.decode(list(completion_ids[:i]))) else 1.0
+            for i in range(len(completion_ids))]
 
 
 def prompt_text(template: str, example: PromptExample, tokenizer: Any, short: bool) -> str:
@@ -269,12 +271,13 @@ def prompt_text(template: str, example: PromptExample, tokenizer: Any, short: bo
     return text
 
 
-def encode_example(tokenizer: Any, context: str, completion: str, slot_weight: float = 1.0
+def encode_example(tokenizer: Any, context: str, completion: str, slot_weight: float = 1.0,
+                   is_slot: Callable[[str], bool] | None = None
                    ) -> tuple[list[int], list[int], list[float]]:
     """(context ids, completion ids + EOS, completion loss weights); EOS so the model
-    learns to stop."""
+    learns to stop. ``is_slot`` as in :func:`slot_weights`."""
     ids = tokenizer.encode(completion) + [tokenizer.eos_id]
-    return tokenizer.encode(context), ids, slot_weights(tokenizer, ids, slot_weight)
+    return tokenizer.encode(context), ids, slot_weights(tokenizer, ids, slot_weight, is_slot)
 
 
 def lm_batch(rows: Sequence[tuple[list[int], list[int], list[float]]], pad_id: int
@@ -337,16 +340,13 @@ def two_style_row(tokenizer: Any, context: str, example: PromptExample,
 
     worked = rng.random() < settings.worked_frac
     text = base_completion(example, rng, worked, settings.direct_correct)
-    ids = tokenizer.encode(text) + [tokenizer.eos_id]
-    weights = [1.0] * len(ids)
-    if weighted:
-        weights = [settings.slot_weight if in_number(tokenizer.decode(list(ids[:i])))
-                   else 1.0 for i in range(len(ids))]
-        if worked:
-            direct = tokenizer.encode(direct_text(example.metadata["a"], example.metadata["b"]))
-            split = next(i for i, (x, y) in enumerate(zip(ids, direct, strict=False)) if x != y)
-            weights[split] *= style_weight(settings.worked_frac, settings.worked_prior)
-    return tokenizer.encode(context), ids, weights
+    context_ids, ids, weights = encode_example(
+        tokenizer, context, text, settings.slot_weight if weighted else 1.0, in_number)
+    if weighted and worked:
+        direct = tokenizer.encode(direct_text(example.metadata["a"], example.metadata["b"]))
+        split = next(i for i, (x, y) in enumerate(zip(ids, direct, strict=False)) if x != y)
+        weights[split] *= style_weight(settings.worked_frac, settings.worked_prior)
+    return context_ids, ids, weights
 
 
 def in_number(before: str) -> bool:
