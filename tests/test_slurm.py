@@ -35,8 +35,11 @@ RECIPE = "slurm/r1_zero_tiny.sh"
 RECIPE_671B = "slurm/r1_zero_671b.sh"
 # The 671B recipe's #SBATCH lines ask for 64 nodes x 8 GPUs x 8 tasks: the test cluster
 # has 2 CPU nodes of 2 CPUs (sizes only, like the config overrides).
+# The time limit must exceed the recipes' USR1 lead (#SBATCH --signal=USR1@1800): at 30
+# minutes Slurm signals the job at its start, and on a loaded machine the signal arrived
+# before the ranks installed their handler (2026-12-05).
 SCALED_ALLOCATION = ["-N", "2", "--ntasks-per-node=2", "--gpus-per-node=0",
-                     "--time=00:30:00"]
+                     "--time=01:00:00"]
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 FAST = ["rollout.max_new_tokens=8", "checkpoint.load=null"]  # random weights: fast
