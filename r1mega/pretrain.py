@@ -45,14 +45,30 @@ accuracy 0.00); :func:`response_budget_warning` says so.
 (:mod:`r1mega.data.count_on`): a direct answer, a guess right ``direct_correct`` of the
 time, and a worked one that counts on and is always right. The base model must *know*
 the worked procedure yet rarely *choose* it, so that RL has something to discover:
-``worked_frac`` (half) of the rows are worked, and :func:`two_style_row` scales the loss
-on the worked rows' first worked token so that the fitted probability of starting it is
-``worked_prior`` (0.3; about 0.2 of samples at T=0.6). Measured 2026-12-03 (800 steps,
-seed 1234, 294-356 s on one core of a shared machine): held-out completion loss 6.27 ->
-0.04; at T=0.6 the worked style is taken 20% of the time and is right 75% of the time,
-the direct one 9%: pass@1 0.22. Forced into the worked style it is right 88% of the time.
-That needs ``model.qk_pos_emb_head_dim: 16`` and ``model.rope_theta: 1000``: with
-tiny_cpu.yaml's 8 rotary dimensions at theta 10,000, the same 800 steps left the worked
+``worked_frac`` (three quarters) of the rows are worked, so that most of the text
+practises the procedure, and :func:`two_style_row` scales the loss on the worked rows'
+first worked token so that the fitted probability of starting it is ``worked_prior``
+(0.3; about 0.2 of samples at T=0.6). The procedure is learnt in the short contexts;
+what varied with the seed was how well it carried over to the full template RL samples
+under, so the task weights the full-template rows 4x (``full_weight``,
+:func:`full_template_batch`). Measured 2026-12-06 (800 steps, 280-350 s on one core of a
+shared machine; 128 held-out problems x 4 samples at T=0.6, the response started as
+`` <think> a + b:`` to force the worked style, after the full template or after the short
+context):
+
+    seed  worked style right (full template / short context)     natural pass@1
+          worked_frac 0.5 or 0.75, full_weight 1   0.75, full_weight 4 (the default)
+    1234  0.90 / 0.98 (0.5)                         0.96 / 0.95                 0.25
+    1235  0.52 / 0.96 (0.75)                        0.94 / 0.92                 0.22
+    1236  0.75 / 0.96 (0.75)                        0.98 / 0.98                 0.22
+
+With equal weights the slips under the full template were miscopied operands in the first
+step (``60 + 8: 70 8, ...``) and carries (``29 3, 39 2``). A ``worked_prior`` of 0.2
+started RL lower (pass@1 0.11-0.23) and seed 1236's base model then counted on less
+reliably (held-out pass@1 0.54 after 25 RL steps).
+
+Counting on at all needs ``model.qk_pos_emb_head_dim: 16`` and ``model.rope_theta: 1000``: with
+tiny_cpu.yaml's 8 rotary dimensions at theta 10,000, 800 steps (2026-12-03) left the worked
 style right 27% of the time (it miscounted and miscopied operands), and 18 RL steps from
 that model took held-out pass@1 from 0.07 to 0.02.
 
@@ -97,14 +113,20 @@ DEFAULT_LR = 1e-2
 DEFAULT_SLOT_WEIGHT = 4.0
 DEFAULT_CORRECT_FRAC = 0.9
 DEFAULT_FORMAT_FRAC = 0.6
-DEFAULT_WORKED_FRAC = 0.5
+DEFAULT_WORKED_FRAC = 0.75  # two-style tasks: most rows practise the procedure
 DEFAULT_WORKED_PRIOR = 0.3
 DEFAULT_DIRECT_CORRECT = 0.2
+DEFAULT_FULL_WEIGHT = 1.0  # loss weight of a full-template row relative to a short one
 # Defaults that differ by task, applied under explicit options. count_on's completions are
 # longer and its answers depend on every digit of a 2-digit operand: with add_small's 30%
 # of steps on full-template text it miscopied the operand there (held-out completion loss
 # 0.12 against 0.04-0.07 with 50%, 2026-12-03).
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {"builtin:count_on": {"full_frac": 0.5}}
+# Its 4 full-template rows per step (against 16 short ones) carried ~20% of the gradient;
+# weighted 4x they carry half, at no extra compute, and the worked style sampled under the
+# full template was right 0.94-0.98 of the time instead of 0.52-0.75 (seeds 1235-1236,
+# 2026-12-06; the short-context rate was ~0.96 either way).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {"builtin:count_on": {"full_frac": 0.5,
+                                                                  "full_weight": 4.0}}
 
 
 @dataclass(frozen=True)
@@ -125,6 +147,7 @@ class PretrainSettings:
     worked_frac: float = DEFAULT_WORKED_FRAC
     worked_prior: float = DEFAULT_WORKED_PRIOR
     direct_correct: float = DEFAULT_DIRECT_CORRECT
+    full_weight: float = DEFAULT_FULL_WEIGHT
 
     def __post_init__(self) -> None:
         """Refuse settings that would train on nothing, before any model is built."""
@@ -134,6 +157,8 @@ class PretrainSettings:
                      "worked_prior", "direct_correct"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} is not in [0, 1]")
+        if not self.full_weight > 0:
+            raise ValueError(f"full_weight={self.full_weight} must be > 0")
 
     @property
     def first_full_step(self) -> int:
@@ -313,6 +338,20 @@ def sample_batch(tokenizer: Any, template: str, examples: Sequence[PromptExample
         rows.append(encode_example(tokenizer, prompt_text(template, ex, tokenizer, short),
                                    completion, settings.slot_weight if weighted else 1.0))
     return lm_batch(rows, tokenizer.pad_id)
+
+
+def full_template_batch(tokenizer: Any, template: str, examples: Sequence[PromptExample],
+                        rng: random.Random, settings: PretrainSettings
+                        ) -> dict[str, torch.Tensor]:
+    """The final phase's ``batch_size`` full-template sequences, their loss weighted by
+    ``full_weight`` against the step's short-context rows. The skill the short rows teach
+    has to carry over to the ~430-byte preamble RL samples under; at equal weight the few
+    full rows are a small share of each step's loss, and how well it carried over varied
+    with the seed."""
+    batch = sample_batch(tokenizer, template, examples, rng, settings.batch_size, False,
+                         settings)
+    batch["loss_mask"] *= settings.full_weight
+    return batch
 
 
 # where a number starts in the two-style tasks' text: operands, sums, counting steps
@@ -543,8 +582,9 @@ def _train(cfg: Any, settings: PretrainSettings, out_dir: Path, key: str,
         initial = completion_loss(policy, heldout)
         log(f"[pretrain] {settings.task}: {settings.steps} steps of "
             f"{settings.short_batch_size} short-context sequences, plus "
-            f"{settings.batch_size} full-template ones from step {settings.first_full_step}; "
-            f"lr {settings.lr:g}; held-out completion loss {initial:.3f}")
+            f"{settings.batch_size} full-template ones (loss weight {settings.full_weight:g}) "
+            f"from step {settings.first_full_step}; lr {settings.lr:g}; held-out completion "
+            f"loss {initial:.3f}")
         train_loss = _fit(cfg, settings, policy, lambda: time.perf_counter() - t0, log)
         final = completion_loss(policy, heldout)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
@@ -583,8 +623,8 @@ def _fit(cfg: Any, settings: PretrainSettings, policy: Any, elapsed: Callable[[]
         microbatches = [sample_batch(tokenizer, cfg.data.template, examples, rng,
                                      settings.short_batch_size, True, settings)]
         if step >= settings.first_full_step:
-            microbatches.append(sample_batch(tokenizer, cfg.data.template, examples, rng,
-                                             settings.batch_size, False, settings))
+            microbatches.append(full_template_batch(tokenizer, cfg.data.template, examples,
+                                                    rng, settings))
         policy.zero_grad()
         optimizer.zero_grad()
         stats = forward_backward(policy, microbatches, lm_loss)
@@ -650,7 +690,8 @@ def pretrain_base(cfg: Any, out_dir: str | Path, steps: int = DEFAULT_STEPS, *,
         task: a ``builtin:<task>`` path (default cfg.data.train_path).
         force: retrain even if a matching cached model exists.
         options: other :class:`PretrainSettings` fields (batch_size, short_batch_size,
-            full_frac, lr, slot_weight, correct_frac, format_frac).
+            full_frac, full_weight, lr, slot_weight, correct_frac, format_frac,
+            worked_frac, worked_prior, direct_correct).
 
     Returns:
         The result; ``reused`` is True when the cache was hit (no training happened).
@@ -868,6 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="two-style tasks: fitted probability of starting the worked style")
     parser.add_argument("--direct-correct", type=float, default=DEFAULT_DIRECT_CORRECT,
                         help="two-style tasks: fraction of direct answers that are right")
+    parser.add_argument("--full-weight", type=float, default=None,
+                        help="loss weight of a full-template sequence relative to a short "
+                        f"one (default {DEFAULT_FULL_WEIGHT}; per task: TASK_DEFAULTS)")
     parser.add_argument("--force", action="store_true", help="retrain even if cached")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="afterwards, sample N held-out problems (4x at T=1, greedy) "
@@ -895,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            lr=args.lr, slot_weight=args.slot_weight,
                            correct_frac=args.correct_frac, format_frac=args.format_frac,
                            worked_frac=args.worked_frac, worked_prior=args.worked_prior,
-                           direct_correct=args.direct_correct)
+                           direct_correct=args.direct_correct, full_weight=args.full_weight)
     print(json.dumps({k: v for k, v in asdict(result).items() if k != "settings"}, indent=2))
     if args.eval:
         print_sample_stats(cfg, result, args.eval)

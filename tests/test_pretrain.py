@@ -103,6 +103,33 @@ def test_batches_weight_exactly_the_completion_tokens() -> None:
         assert heavy == ("347" if i == 0 else "2")
 
 
+def test_full_template_rows_carry_the_task_weight() -> None:
+    """The final phase's full-template rows are the same text as an unweighted draw, their
+    loss mask scaled by ``full_weight``: count_on weights them 4x (half of a step's loss
+    against 16 short rows), add_small keeps 1; a weight that would train on nothing is
+    refused."""
+    from r1mega.config import load_config
+    from r1mega.data.tasks import builtin_dataset
+    from r1mega.pretrain import PretrainSettings, full_template_batch, make_settings, sample_batch
+
+    tok = _tokenizer()
+    cfg = load_config(ROOT / "configs" / "r1_zero_tiny_cpu.yaml")
+    settings = make_settings(cfg, 10, None, None, {})
+    assert (settings.full_weight, settings.worked_frac) == (4.0, 0.75)
+    assert make_settings(load_config(TINY, OVERRIDES), 10, None, None, {}).full_weight == 1.0
+    examples = builtin_dataset(settings.task, "train", 1)
+    weighted = full_template_batch(tok, cfg.data.template, examples, random.Random(3),
+                                   settings)
+    plain = sample_batch(tok, cfg.data.template, examples, random.Random(3),
+                         settings.batch_size, False, settings)
+    assert weighted["tokens"].shape[0] == settings.batch_size
+    assert all(weighted[key].equal(plain[key]) for key in ("tokens", "labels"))
+    assert weighted["loss_mask"].equal(plain["loss_mask"] * 4.0)
+    assert tok.decode(weighted["tokens"][0].tolist()).startswith("A conversation between")
+    with pytest.raises(ValueError, match="full_weight"):
+        PretrainSettings(task=settings.task, full_weight=0.0)
+
+
 def test_two_style_rows_fit_the_worked_prior() -> None:
     """count_on rows: half worked, half direct, the same context; every digit of a
     number is up-weighted; on worked rows the first worked token (``:`` where a direct

@@ -9,34 +9,31 @@ runs the config's 25 steps with its held-out evaluation (``eval.*``: 64 of the 2
 T=0.6 and top-p 0.95), here before the first step and after the last.
 
 The base model answers "What is 47 + 6?" directly most of the time (a guess, right ~10% of
-the time) and counts on in its ``<think>`` block ~20% of the time (right ~75%). Nothing
+the time) and counts on in its ``<think>`` block ~20% of the time (right ~95%). Nothing
 rewards the style; the accuracy reward pays for right answers, which the worked style
 gives, and RL shifts the policy to it: held-out pass@1 rises, and so does the length.
 
-Measured 2026-12-03 (shared 2-core machine, OMP_NUM_THREADS=1; base model and RL with the
-same seed), the run's own evaluation at steps 0, 5, ..., 25:
+Measured 2026-12-06 (shared 2-core machine, OMP_NUM_THREADS=1; base model and RL with the
+same seed; the README's recipe: ``r1mega/pretrain.py``'s count_on defaults, lr 3e-4), the
+run's own evaluation at steps 0, 5, ..., 25:
 
-    seed 1234 (this test)  pass@1 0.234 0.449 0.707 0.816 0.852 0.918
-                           worked  0.22  0.56  0.79  0.88  0.94  0.98
-                           length  59.9  72.3  82.2  86.1  89.0  91.0  (1.52x)
-    seed 1235              pass@1 0.207 0.301 0.438 0.555 0.617 0.660
-                           worked  0.20  0.38  0.59  0.75  0.91  0.97
-                           length  58.7  66.2  74.8  81.5  88.0  90.6  (1.54x)
-    seed 1236              pass@1 0.047 0.074 0.051 0.059 0.055 0.043
-                           worked  0.20  0.25  0.15  0.09  0.05  0.04
+    seed 1234 (this test)  pass@1 0.270 0.559 0.731 0.926 0.981 0.988
+                           length  59.0  71.6  83.2  89.6  91.3  91.6  (1.55x)
+    seed 1235              pass@1 0.293 0.574 0.840 0.902 0.922 0.930
+                           length  61.6  75.2  87.4  90.6  91.3  91.5  (1.49x)
+    seed 1236              pass@1 0.207 0.641 0.879 0.934 0.879 0.938
+                           length  58.2  77.3  88.5  91.0  91.0  91.0  (1.56x)
 
-These runs generated at TP=2 x EP=2; the config now generates data-parallel, and seed
-1234's run repeated that way (2026-12-05) is the same to the last digit of every step line
-and evaluation. Seed 1234 with ``r1mega eval`` on all 200 held-out problems at k=16:
-pass@1 0.235 -> 0.904, mean length 59.3 -> 89.7. Seed 1236's base model did not learn
-the procedure: it miscopies the operand's units digit (``68 + 6: 60 6, 61 5, ...``), and
-when it counts on it is right 5% of the time (seeds 1234 and 1235: 75%), so RL moves away
-from it.
+All 200 held-out problems at k=16 (``r1mega eval``), step 0 -> 25: see the README's table.
+The earlier recipe (2026-12-03: full-template rows weighted as short ones, half the rows
+worked, lr 2e-4) ended at 0.918, 0.660 and 0.043 for these seeds: seed 1236's base model
+could not count on under the full template, and seed 1235's only half of the time.
 
-``MIN_GAIN`` is under half the smaller gain of the two seeds whose base model counts on
-(0.45): one evaluation (256 samples on 64 problems) has a sampling error of ~0.03, and on
-another machine the floating-point path, so the trajectory, may differ as a seed would.
-The worked-style share and the length ratio are asserted with the same kind of margin.
+``MIN_GAIN`` is under half the smallest gain of the three seeds (0.64): one evaluation
+(256 samples on 64 problems) has a sampling error of ~0.03, and on another machine the
+floating-point path, so the trajectory, may differ as a seed would. ``MIN_FINAL`` is the
+issue's bar (0.70) against 0.93-0.99 measured; the worked-style share and the length ratio
+are asserted with margins of the same kind.
 """
 
 from __future__ import annotations
@@ -62,9 +59,10 @@ STEPS = 25  # the config's train.steps, fixed here so the numbers above hold
 # and after the last: each evaluation is ~12 s of CI.
 EVAL_STEPS = [0, STEPS]
 PROBLEMS, K = 64, 4  # eval.limit, eval.k
-MIN_GAIN = 0.2  # held-out pass@1, absolute (measured: 0.68 and 0.45)
-MIN_WORKED_GAIN = 0.3  # share of worked responses, absolute (measured: 0.76 and 0.77)
-MIN_LENGTH_RATIO = 1.25  # mean response length, last evaluation over the first (1.52, 1.54)
+MIN_GAIN = 0.3  # held-out pass@1, absolute (measured: 0.72, 0.64, 0.73)
+MIN_FINAL = 0.7  # held-out pass@1 after the last step (measured: 0.99, 0.93, 0.94)
+MIN_WORKED_GAIN = 0.4  # share of worked responses, absolute (measured: see the README)
+MIN_LENGTH_RATIO = 1.3  # mean response length, last evaluation over the first (1.49-1.56)
 
 
 def test_r1_zero_tiny_run_raises_held_out_accuracy_and_response_length(
@@ -101,6 +99,7 @@ def test_r1_zero_tiny_run_raises_held_out_accuracy_and_response_length(
     # The base model is mostly wrong (R1-Zero starts low), and RL raises it...
     assert pass_at_1[0] <= 0.35, report
     assert pass_at_1[-1] >= pass_at_1[0] + MIN_GAIN, report
+    assert pass_at_1[-1] >= MIN_FINAL, report
     # ...by reasoning longer: the worked style takes over, and responses grow.
     assert worked[-1] >= worked[0] + MIN_WORKED_GAIN, report
     assert lengths[-1] >= MIN_LENGTH_RATIO * lengths[0], report
