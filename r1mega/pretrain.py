@@ -67,10 +67,11 @@ step (``60 + 8: 70 8, ...``) and carries (``29 3, 39 2``). A ``worked_prior`` of
 started RL lower (pass@1 0.11-0.23) and seed 1236's base model then counted on less
 reliably (held-out pass@1 0.54 after 25 RL steps).
 
-Counting on at all needs ``model.qk_pos_emb_head_dim: 16`` and ``model.rope_theta: 1000``: with
-tiny_cpu.yaml's 8 rotary dimensions at theta 10,000, 800 steps (2026-12-03) left the worked
-style right 27% of the time (it miscounted and miscopied operands), and 18 RL steps from
-that model took held-out pass@1 from 0.07 to 0.02.
+Counting on at all needs ``model.qk_pos_emb_head_dim: 16`` and
+``model.rope_theta: 1000``: with tiny_cpu.yaml's 8 rotary dimensions at theta 10,000, 800
+steps (2026-12-03) left the worked style right 27% of the time (it miscounted and
+miscopied operands), and 18 RL steps from that model took held-out pass@1 from 0.07 to
+0.02.
 
 It reuses the trainer's machinery (``build_policy``, ``forward_backward``, ``lm_loss``,
 megatron's optimizer and LR schedule) on one process with every parallel size 1, and

@@ -27,7 +27,8 @@ run's own evaluation at steps 0, 5, ..., 25:
 All 200 held-out problems at k=16 (``r1mega eval``), step 0 -> 25: see the README's table.
 The earlier recipe (2026-12-03: full-template rows weighted as short ones, half the rows
 worked, lr 2e-4) ended at 0.918, 0.660 and 0.043 for these seeds: seed 1236's base model
-could not count on under the full template, and seed 1235's only half of the time.
+could not count on under the full template, and seed 1235's was right about two thirds
+of the time when it did.
 
 ``MIN_GAIN`` is under half the smallest gain of the three seeds (0.64): one evaluation
 (256 samples on 64 problems) has a sampling error of ~0.03, and on another machine the
